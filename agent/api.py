@@ -1,0 +1,304 @@
+"""The local API: health, readiness, status, sync status, metrics, manual sync.
+
+Served inside the agent's own event loop with Starlette on uvicorn's ``Server`` (chosen
+because the same stack serves the reference receiver, and Starlette's routing and test
+client are small and well kept). Binds 127.0.0.1 by default; the config refuses another
+address without a token. Every response carries ``X-Request-ID`` (the caller's, or a new
+one) and ``X-API-Version``. Mutations need ``Authorization: Bearer <api.token>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import time
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import structlog
+import uvicorn
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from agent.configtypes import secret_value
+
+if TYPE_CHECKING:
+    from agent.app import Agent
+
+log = structlog.get_logger("agent.api")
+
+API_VERSION = "1"
+
+
+class _Json(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, default=str)
+
+
+def _error(status: int, code: str, message: str, request: Request) -> Response:
+    rid = request.scope.get("request_id")
+    return _Json({"error": {"code": code, "message": message, "request_id": rid}}, status)
+
+
+class RequestIdMiddleware:
+    """Pure ASGI middleware: ``X-Request-ID`` and ``X-API-Version`` on every response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+        rid = incoming if 0 < len(incoming) <= 128 else str(uuid.uuid4())
+        scope["request_id"] = rid
+
+        async def stamped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", rid.encode("latin-1")))
+                headers.append((b"x-api-version", API_VERSION.encode()))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, stamped)
+
+
+class AgentCollector(Collector):
+    """Prometheus metrics read from the agent's state at scrape time."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.snapshot: dict[str, Any] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.snapshot
+        box = s.get("outbox", {})
+        g = GaugeMetricFamily("edge_agent_outbox_rows", "Undelivered records", labels=["class"])
+        for cls, n in box.get("rows", {}).items():
+            g.add_metric([cls], n)
+        yield g
+        g = GaugeMetricFamily(
+            "edge_agent_outbox_bytes", "Undelivered record bytes", labels=["class"]
+        )
+        for cls, n in box.get("bytes", {}).items():
+            g.add_metric([cls], n)
+        yield g
+        yield GaugeMetricFamily(
+            "edge_agent_outbox_max_bytes", "Outbox byte budget", value=box.get("max_bytes", 0)
+        )
+        yield GaugeMetricFamily(
+            "edge_agent_outbox_oldest_age_seconds",
+            "Age of the oldest undelivered record",
+            value=box.get("oldest_age_seconds") or 0,
+        )
+        yield GaugeMetricFamily(
+            "edge_agent_dead_letters",
+            "Records in the dead-letter table",
+            value=box.get("dead_letters", 0),
+        )
+        yield GaugeMetricFamily(
+            "edge_agent_outbox_blocked_appends",
+            "Appends waiting for outbox budget",
+            value=box.get("blocked_appends", 0),
+        )
+        c = CounterMetricFamily(
+            "edge_agent_dropped", "Records dropped by retention", labels=["reason"]
+        )
+        for reason, n in box.get("dropped", {}).items():
+            c.add_metric([reason], n)
+        yield c
+        c = CounterMetricFamily(
+            "edge_agent_quarantined", "Bad inputs quarantined", labels=["source", "reason"]
+        )
+        for key, n in box.get("counters", {}).items():
+            if key.startswith("quarantined:"):
+                _, source, reason = key.split(":", 2)
+                c.add_metric([source, reason], n)
+        yield c
+        c = CounterMetricFamily(
+            "edge_agent_outbox_write_errors",
+            "Failed outbox commits",
+            value=box.get("write_errors", 0),
+        )
+        yield c
+        yield from self._sources(s.get("sources", {}))
+        yield from self._upstream(s.get("upstream", {}))
+        yield GaugeMetricFamily(
+            "edge_agent_uptime_seconds", "Seconds since start", value=s.get("uptime_seconds", 0)
+        )
+
+    @staticmethod
+    def _sources(sources: dict[str, Any]) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "edge_agent_source_up", "1 when the source is healthy", labels=["source", "type"]
+        )
+        records = CounterMetricFamily(
+            "edge_agent_source_records", "Records produced", labels=["source"]
+        )
+        restarts = CounterMetricFamily(
+            "edge_agent_source_restarts", "Source restarts", labels=["source"]
+        )
+        for name, st in sources.items():
+            up.add_metric([name, st.get("type", "")], 1 if st.get("state") in _OK_STATES else 0)
+            records.add_metric([name], st.get("records", 0))
+            restarts.add_metric([name], st.get("restarts", 0))
+        yield from (up, records, restarts)
+
+    @staticmethod
+    def _upstream(up: dict[str, Any]) -> Iterator[Metric]:
+        c = CounterMetricFamily(
+            "edge_agent_upstream_requests", "Upstream requests by answer", labels=["code"]
+        )
+        for code, n in up.get("requests", {}).items():
+            c.add_metric([str(code)], n)
+        yield c
+        g = GaugeMetricFamily("edge_agent_upstream_up", "1 when the upstream accepts pushes")
+        g.add_metric([], 1 if up.get("state") in {"ok", "idle", None} else 0)
+        yield g
+        for key in ("sent", "accepted", "duplicates", "rejected"):
+            yield CounterMetricFamily(
+                f"edge_agent_upstream_records_{key}",
+                f"Records {key} (upstream)",
+                value=up.get(key, 0),
+            )
+
+
+_OK_STATES = {"running", "connected", "ok", "idle", "completed", "disabled"}
+
+
+def readiness(status: dict[str, Any], max_oldest_age: float) -> list[str]:
+    """Reasons the agent is not ready (empty when ready)."""
+    reasons: list[str] = []
+    for name, st in status.get("sources", {}).items():
+        state = st.get("state")
+        if state in {"failed", "reauthorization_required", "disconnected"}:
+            reasons.append(f"source {name} is {state}: {st.get('last_error') or '-'}")
+    up = status.get("upstream", {})
+    if up.get("state") in {"retrying", "reauthorization_required", "failing"}:
+        reasons.append(f"upstream is {up['state']}: {up.get('last_error') or '-'}")
+    box = status.get("outbox", {})
+    if box.get("blocked_appends"):
+        reasons.append("outbox is over its byte budget: sources are paused")
+    age = box.get("oldest_age_seconds")
+    if age is not None and age > max_oldest_age:
+        reasons.append(f"oldest undelivered record is {age:.0f}s old (limit {max_oldest_age:.0f}s)")
+    if box.get("write_failing"):
+        reasons.append(f"outbox write failed: {box['last_write_error']}")
+    return reasons
+
+
+def build_app(agent: Agent) -> Starlette:
+    """The Starlette application for ``agent``."""
+    registry = CollectorRegistry(auto_describe=False)
+    collector = AgentCollector(agent)
+    registry.register(collector)
+
+    async def healthz(request: Request) -> Response:
+        return _Json({"status": "ok", "uptime_seconds": round(time.time() - agent.started_at, 1)})
+
+    async def readyz(request: Request) -> Response:
+        reasons = readiness(await agent.status(), agent.settings.api.ready_max_oldest_age)
+        return _Json({"ready": not reasons, "reasons": reasons}, 200 if not reasons else 503)
+
+    async def status(request: Request) -> Response:
+        return _Json(await agent.status())
+
+    async def sync_status(request: Request) -> Response:
+        return _Json({"sources": agent.sync_status()})
+
+    async def metrics(request: Request) -> Response:
+        collector.snapshot = await agent.status()
+        return Response(
+            generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    async def sync(request: Request) -> Response:
+        token = secret_value(agent.settings.api.token)
+        if token is None:
+            return _error(
+                403,
+                "mutations_disabled",
+                "set api.token (or api.token_file) to allow manual syncs",
+                request,
+            )
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return _error(401, "unauthorized", "missing or wrong bearer token", request)
+        name = request.path_params["name"]
+        try:
+            body = orjson.loads(await request.body() or b"{}")
+        except orjson.JSONDecodeError as exc:
+            return _error(400, "invalid_json", f"request body is not JSON: {exc}", request)
+        entities = body.get("entities") if isinstance(body, dict) else None
+        full = body.get("full", False) if isinstance(body, dict) else None
+        if not isinstance(full, bool) or not (
+            entities is None
+            or (isinstance(entities, list) and all(isinstance(e, str) for e in entities))
+        ):
+            return _error(
+                400,
+                "invalid_request",
+                'expected {"entities": [names] (optional), "full": bool}',
+                request,
+            )
+        try:
+            accepted = await agent.request_sync(name, entities, full)
+        except KeyError:
+            return _error(404, "unknown_source", f"no source named {name!r}", request)
+        except (TypeError, ValueError) as exc:
+            return _error(409, "sync_not_possible", str(exc), request)
+        log.info(
+            "manual_sync_requested",
+            source=name,
+            entities=entities,
+            full=full,
+            request_id=request.scope.get("request_id"),
+        )
+        return _Json({"source": name, "accepted": accepted, "full": full}, 202)
+
+    app = Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/v1/status", status),
+            Route("/v1/sync-status", sync_status),
+            Route("/metrics", metrics),
+            Route("/v1/sources/{name}/sync", sync, methods=["POST"]),
+        ]
+    )
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+class EmbeddedServer(uvicorn.Server):
+    """uvicorn inside the agent's loop; the agent, not uvicorn, owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Leave SIGTERM/SIGINT/SIGHUP to the supervisor."""
+        yield
+
+
+def make_server(agent: Agent) -> EmbeddedServer:
+    """A uvicorn server for the local API on ``api.listen``."""
+    host, _, port = agent.settings.api.listen.rpartition(":")
+    config = uvicorn.Config(
+        build_app(agent),
+        host=host.strip("[]"),
+        port=int(port),
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        server_header=False,
+    )
+    return EmbeddedServer(config)

@@ -1,0 +1,427 @@
+"""The supervisor: start, supervise, reload and stop everything in one event loop.
+
+Start order is outbox, forwarder, sources; stop order is the reverse, so everything a
+source read is committed, and within ``upstream.drain_timeout`` delivered, before exit.
+Each source runs in its own supervised task: an unexpected exception is logged, counted,
+shown in status, and the source restarts after a jittered backoff; it never takes the
+daemon down. A second SIGTERM/SIGINT skips the drain (undelivered records stay queued).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent import __version__, logs, systemd
+from agent import config as cfg
+from agent import sources as source_plugins
+from agent.backoff import Backoff
+from agent.errors import ConfigError
+from agent.forwarder import Forwarder
+from agent.outbox import AppendResult, Cursor, Outbox, Quarantined
+from agent.records import Record
+from agent.rules.output import run_source
+from agent.sources.base import Source, SourceConfig, SourceContext
+
+log = structlog.get_logger("agent.app")
+
+RESTART_INITIAL = 1.0
+RESTART_CAP = 60.0
+HEALTHY_RUN = 60.0  # a source that ran this long before failing restarts from the short delay
+
+
+@dataclass
+class SourceSlot:
+    """A configured source, its task and its supervision figures."""
+
+    name: str
+    config: SourceConfig
+    source: Source | None = None
+    task: asyncio.Task[None] | None = None
+    state: str = "starting"
+    restarts: int = 0
+    last_error: str | None = None
+    last_error_at: float | None = None
+    started_at: float | None = None
+    records: int = 0
+    unchanged: int = 0
+    dropped: int = 0
+    quarantined: int = 0
+    last_append_at: float | None = None
+
+    def status(self) -> dict[str, Any]:
+        """The supervisor's view plus the source's own figures."""
+        own = self.source.status() if self.source is not None else {}
+        return {
+            "type": self.config.type,
+            "state": own.get("state", self.state),
+            "supervisor_state": self.state,
+            "restarts": self.restarts,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+            "records": self.records,
+            "unchanged": self.unchanged,
+            "dropped": self.dropped,
+            "quarantined": self.quarantined,
+            "last_append_at": self.last_append_at,
+            "started_at": self.started_at,
+            **{k: v for k, v in own.items() if k not in {"state", "records"}},
+            **({"rules": dict(r.counters)} if (r := getattr(self.source, "rules", None)) else {}),
+        }
+
+
+class SlotOutput:
+    """What a source appends through: the outbox, counted per source for status/metrics."""
+
+    def __init__(self, outbox: Outbox, slot: SourceSlot) -> None:
+        self.outbox = outbox
+        self.slot = slot
+
+    async def append(
+        self,
+        records: Sequence[Record],
+        cursor: Cursor | Sequence[Cursor] | None = None,
+        *,
+        dedupe: bool = False,
+        quarantine: Sequence[Quarantined] = (),
+    ) -> AppendResult:
+        """Append through the outbox and count what it did."""
+        result = await self.outbox.append(records, cursor, dedupe=dedupe, quarantine=quarantine)
+        slot = self.slot
+        slot.records += result.stored
+        slot.unchanged += result.unchanged
+        slot.dropped += result.dropped
+        slot.quarantined += len(quarantine)
+        slot.last_append_at = time.time()
+        return result
+
+    async def cursor(self, source: str, key: str) -> Any | None:
+        """The last committed cursor value."""
+        return await self.outbox.cursor(source, key)
+
+    def __getattr__(self, name: str) -> Any:
+        # Sources may use other outbox reads (cursors(), stats()); pass them through.
+        return getattr(self.outbox, name)
+
+
+@dataclass
+class ReloadStatus:
+    """What the last reload did (shown in status)."""
+
+    at: float | None = None
+    ok: bool | None = None
+    error: str | None = None
+    changed: list[str] = field(default_factory=list)
+
+
+class Agent:
+    """The daemon. ``await Agent(settings, path).run()`` returns the exit code."""
+
+    def __init__(self, settings: cfg.Settings, config_file: Path | None = None) -> None:
+        self.settings = settings
+        self.config_file = config_file
+        self.started_at = time.time()
+        self.outbox = Outbox.from_config(settings.outbox, settings.agent.state_dir)
+        self.slots: dict[str, SourceSlot] = {}
+        self.reload_status = ReloadStatus()
+        self._stop = asyncio.Event()
+        self._force = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.on_reload: list[Callable[[cfg.Settings], None]] = []
+        self.api_ready = False
+        self._api_task: asyncio.Task[Any] | None = None
+        self.forwarder = Forwarder(
+            self.outbox, settings.upstream, settings.agent.id, settings.agent.site
+        )
+        self.on_reload.append(self.forwarder.reconfigure)
+
+    # ------------------------------------------------------------------ run
+
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT; return the process exit code."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+        await self.outbox.open()
+        api_server = None
+        try:
+            await self.forwarder.start()
+            self._spawn(self.outbox.run_maintenance())
+            self._spawn(self._watchdog())
+            if self.settings.api.enabled:
+                api_server = await self._start_api()
+            for name, conf in self.settings.sources.items():
+                self._start_source(name, conf)
+            systemd.notify("READY=1", f"STATUS=running {len(self.slots)} sources")
+            log.info(
+                "agent_started",
+                version=__version__,
+                agent_id=self.settings.agent.id,
+                outbox=str(self.outbox.path),
+                sources=sorted(self.slots),
+            )
+            await self._stop.wait()
+            systemd.notify("STOPPING=1", "STATUS=stopping")
+            log.info("agent_stopping")
+            await self.unless_forced(self._stop_sources(list(self.slots)))
+            if not self._force.is_set():
+                await self.forwarder.drain(self.settings.upstream.drain_timeout, self._force)
+        finally:
+            await self.forwarder.stop()
+            if api_server is not None and self._api_task is not None:
+                api_server.should_exit = True
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._api_task, 10)
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self.outbox.close()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+        log.info("agent_stopped")
+        return 0
+
+    def request_stop(self) -> None:
+        """First call: graceful stop with drain. Second call: skip the drain."""
+        if self._stop.is_set():
+            log.warning("agent_stop_forced", detail="second signal: skipping the drain")
+            self._force.set()
+        self._stop.set()
+
+    async def unless_forced(self, coro: Any) -> bool:
+        """Await a stop step (stopping sources, draining) unless a second signal comes
+        first; then abandon it. Nothing is lost: undelivered records stay in the outbox.
+        Returns False when the step was abandoned."""
+        step = asyncio.ensure_future(coro)
+        forced = asyncio.ensure_future(self._force.wait())
+        try:
+            await asyncio.wait({step, forced}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            forced.cancel()
+        if step.done():
+            step.result()
+            return True
+        step.cancel()
+        await asyncio.gather(step, return_exceptions=True)
+        return False
+
+    async def _start_api(self) -> Any:
+        from agent import api  # noqa: PLC0415 - the web stack loads only when enabled
+
+        server = api.make_server(self)
+        task = self._api_task = self._spawn(server.serve())
+        while not server.started:
+            if task.done():  # e.g. the port is taken: say so and carry on without the API
+                log.error(
+                    "api_failed_to_start",
+                    listen=self.settings.api.listen,
+                    error=repr(task.exception()) if not task.cancelled() else None,
+                )
+                return None
+            await asyncio.sleep(0.02)
+        self.api_ready = True
+        log.info("api_listening", listen=self.settings.api.listen)
+        return server
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _watchdog(self) -> None:
+        interval = systemd.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    # ------------------------------------------------------------------ sources
+
+    def _start_source(self, name: str, conf: SourceConfig) -> None:
+        slot = SourceSlot(name, conf)
+        self.slots[name] = slot
+        if not conf.enabled:
+            slot.state = "disabled"
+            return
+        slot.task = asyncio.create_task(self._supervise(slot), name=f"source:{name}")
+
+    async def _supervise(self, slot: SourceSlot) -> None:
+        backoff = Backoff(RESTART_INITIAL, RESTART_CAP)
+        context = SourceContext(agent_id=self.settings.agent.id, site=self.settings.agent.site)
+        while True:
+            began = time.monotonic()
+            try:
+                module = source_plugins.plugin(slot.config.type)
+                slot.source = module.source_class(slot.name, slot.config, context)
+                slot.state = "running"
+                slot.started_at = time.time()
+                assert slot.source is not None
+                await run_source(slot.source, SlotOutput(self.outbox, slot))
+                raise RuntimeError("source returned without being cancelled")
+            except asyncio.CancelledError:
+                slot.state = "stopped"
+                raise
+            except Exception as exc:
+                slot.restarts += 1
+                slot.state = "failed"
+                slot.last_error = f"{type(exc).__name__}: {exc}"
+                slot.last_error_at = time.time()
+                if time.monotonic() - began > HEALTHY_RUN:
+                    backoff.reset()
+                delay = backoff.delay()
+                log.exception(
+                    "source_failed",
+                    source=slot.name,
+                    error=slot.last_error,
+                    restarts=slot.restarts,
+                    retry_in=round(delay, 2),
+                    exc_info=exc,
+                )
+                await asyncio.sleep(delay)
+
+    async def _stop_sources(self, names: list[str]) -> None:
+        tasks = [t for n in names if (t := self.slots[n].task) is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------------ reload
+
+    async def reload(self) -> bool:
+        """Re-read the config; apply it if valid, keep the old one running if not."""
+        if self._stop.is_set():
+            log.warning("config_reload_ignored", detail="the agent is stopping")
+            return False
+        async with self._reload_lock:  # two quick SIGHUPs apply one after the other
+            return await self._reload()
+
+    async def _reload(self) -> bool:
+        systemd.reloading()
+        self.reload_status = ReloadStatus(at=time.time())
+        try:
+            if self.config_file is None:
+                raise ConfigError([("", "no config file to reload from")])
+            new, warnings = await asyncio.to_thread(cfg.load, self.config_file)
+        except ConfigError as exc:
+            self.reload_status.ok = False
+            self.reload_status.error = str(exc)
+            # A user's mistake, not a bug: the message names every bad key; no traceback.
+            log.error("config_reload_refused", error=str(exc), detail="old config keeps running")
+            systemd.notify("READY=1", "STATUS=reload refused: invalid config")
+            return False
+        for warning in warnings:
+            log.warning("config_warning", detail=warning)
+        changed = self._apply(new)
+        self.reload_status.ok = True
+        self.reload_status.changed = changed
+        log.info("config_reloaded", changed=changed)
+        systemd.notify("READY=1", f"STATUS=running {len(self.slots)} sources")
+        return True
+
+    def _apply(self, new: cfg.Settings) -> list[str]:
+        old = self.settings
+        self.settings = new
+        changed: list[str] = []
+        for name in list(self.slots):
+            if name not in new.sources or new.sources[name] != old.sources.get(name):
+                changed.append(f"sources.{name}")
+        for name in new.sources:
+            if name not in old.sources:
+                changed.append(f"sources.{name}")
+        restart = [c.split(".", 1)[1] for c in changed]
+        self._spawn(self._restart_sources(restart, new))
+        if old.logging != new.logging:
+            logs.configure(new.logging.level, new.logging.format)
+        for hook in self.on_reload:
+            hook(new)
+        for section in ("upstream", "logging", "api", "outbox", "agent"):
+            if getattr(old, section) != getattr(new, section):
+                changed.append(section)
+        self._warn_restart_needed(old, new)
+        return changed
+
+    @staticmethod
+    def _warn_restart_needed(old: cfg.Settings, new: cfg.Settings) -> None:
+        """Say which changes only a restart applies (the rest is applied live)."""
+        keys = [f"outbox.{k}" for k in type(old.outbox).model_fields]
+        keys += [f"agent.{k}" for k in type(old.agent).model_fields]
+        keys += ["api.enabled", "api.listen"]
+        pending = [
+            k
+            for k in keys
+            if getattr(getattr(old, k.split(".")[0]), k.split(".")[1])
+            != getattr(getattr(new, k.split(".")[0]), k.split(".")[1])
+        ]
+        if pending:
+            log.warning(
+                "config_change_needs_restart",
+                keys=pending,
+                detail="applied at the next restart: systemctl restart edge-agent",
+            )
+
+    async def _restart_sources(self, names: list[str], new: cfg.Settings) -> None:
+        await self._stop_sources([n for n in names if n in self.slots])
+        for name in names:
+            self.slots.pop(name, None)
+            if name in new.sources:
+                self._start_source(name, new.sources[name])
+
+    # ------------------------------------------------------------------ status
+
+    def sync_status(self) -> dict[str, Any]:
+        """Per SQL source and entity: last sync, status, error, next run, progress."""
+        out: dict[str, Any] = {}
+        for name, slot in self.slots.items():
+            fn = getattr(slot.source, "sync_status", None)
+            if callable(fn):
+                out[name] = fn()
+        return out
+
+    async def request_sync(self, name: str, entities: list[str] | None, full: bool) -> Any:
+        """Ask source ``name`` for a manual (or full) sync. KeyError: no such source;
+        TypeError: the source cannot sync on demand."""
+        slot = self.slots[name]
+        fn = getattr(slot.source, "request_sync", None)
+        if not callable(fn):
+            raise TypeError(f"source {name!r} ({slot.config.type}) does not sync on demand")
+        result = fn(entities, full)
+        if asyncio.iscoroutine(result):
+            result = await result
+        return result if result is not None else entities or "all"
+
+    async def status(self) -> dict[str, Any]:
+        """Everything /v1/status shows (never a secret)."""
+        return {
+            "version": __version__,
+            "agent_id": self.settings.agent.id,
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+            "sources": {n: s.status() for n, s in self.slots.items()},
+            "outbox": (await self.outbox.stats()).as_dict(),
+            "upstream": self.forwarder.status(),
+            "reload": {
+                "at": self.reload_status.at,
+                "ok": self.reload_status.ok,
+                "error": self.reload_status.error,
+                "changed": self.reload_status.changed,
+            },
+        }
+
+
+async def main(settings: cfg.Settings, config_file: Path | None) -> int:
+    """Run the daemon until stopped."""
+    agent = Agent(settings, config_file)
+    with contextlib.suppress(asyncio.CancelledError):
+        return await agent.run()
+    return 0

@@ -1,0 +1,237 @@
+"""The settings root: one TOML file, environment overrides, secrets from files.
+
+Precedence, highest first: environment (``EDGE_AGENT_<SECTION>__<KEY>``), then the TOML
+file. Each section's class lives beside the code it configures (outbox, sink, each source
+plugin) and forbids unknown keys, so a typo is an error with its key path, never a
+silently ignored setting. :func:`load` is what the daemon, ``check-config`` and reload use.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from agent import profiles
+from agent import sources as source_plugins
+from agent.configtypes import Duration, SecretFilePath, Section, load_warnings
+from agent.errors import ConfigError
+from agent.outbox import OutboxConfig
+from agent.sinks.http import UpstreamConfig
+from agent.sources.base import SourceConfig
+
+DEFAULT_PATH = Path("/etc/edge-agent/config.toml")
+ENV_PREFIX = "EDGE_AGENT_"
+
+
+class AgentSection(Section):
+    """Who this agent is (``[agent]``)."""
+
+    id: str = Field(default_factory=socket.gethostname)
+    """Agent id sent upstream with every batch. Default: the host name."""
+    site: str | None = None
+    """Default site stamped on records (a source can override it)."""
+    state_dir: Path = Path("/var/lib/edge-agent")
+    """Where the outbox and other state live (systemd's StateDirectory)."""
+    profile_dirs: list[Path] = Field(default_factory=list)
+    """Directories of site equipment profiles (``<name>.toml``), searched before the
+    shipped ones (docs/profiles.md). Every file in them must be a valid profile."""
+
+    @field_validator("profile_dirs")
+    @classmethod
+    def _check_profiles(cls, value: list[Path]) -> list[Path]:
+        return profiles.check_dirs(value)
+
+
+class LoggingSection(Section):
+    """Logging (``[logging]``)."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    """Least severe level logged."""
+    format: Literal["auto", "json", "console"] = "auto"
+    """``auto``: readable on a terminal, JSON otherwise (journald)."""
+
+
+class ApiSection(Section):
+    """The local API (``[api]``): health, status, metrics, manual sync."""
+
+    enabled: bool = True
+    """Serve the local API."""
+    listen: str = "127.0.0.1:8470"
+    """``host:port``. Binding beyond loopback requires ``token``."""
+    token: SecretStr | None = None
+    """Bearer token for mutations (``POST /v1/sources/{name}/sync``)."""
+    token_file: SecretFilePath | None = None
+    """File holding the API token."""
+    ready_max_oldest_age: Duration = 3600.0
+    """/readyz reports not ready when the oldest undelivered record is older than this."""
+
+    @model_validator(mode="after")
+    def _token_beyond_loopback(self) -> ApiSection:
+        host = self.listen.rpartition(":")[0].strip("[]")
+        if self.enabled and self.token is None and not _is_loopback(host):
+            raise ValueError(
+                f"api.listen {self.listen!r} is not a loopback address: set api.token "
+                "(or api.token_file) before exposing the local API"
+            )
+        return self
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"invalid listen address {value!r} (write host:port)")
+        return value
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _source_union() -> Any:
+    classes = source_plugins.config_classes()
+    if not classes:
+        return SourceConfig
+    if len(classes) == 1:
+        return classes[0]
+    return Annotated[Union[tuple(classes)], Field(discriminator="type")]  # noqa: UP007
+
+
+SourceUnion = _source_union()
+
+
+class Settings(BaseSettings):
+    """The whole configuration file."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    agent: AgentSection = AgentSection()
+    logging: LoggingSection = LoggingSection()
+    outbox: OutboxConfig = OutboxConfig()
+    upstream: UpstreamConfig
+    api: ApiSection = ApiSection()
+    sources: dict[str, SourceUnion] = {}  # type: ignore[valid-type]
+
+    @field_validator("sources")
+    @classmethod
+    def _check_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if not name or not all(c.isalnum() or c in "_-" for c in name):
+                raise ValueError(f"invalid source name {name!r}: use letters, digits, '_' and '-'")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init data; the environment overrides it.
+        return (env_settings, init_settings)
+
+    def outbox_path(self) -> Path:
+        """Where the outbox database lives."""
+        return self.outbox.path or self.agent.state_dir / "outbox.db"
+
+
+def config_path(cli_value: str | os.PathLike[str] | None = None) -> Path:
+    """The config file: ``--config``, else ``$EDGE_AGENT_CONFIG``, else the default."""
+    if cli_value:
+        return Path(cli_value)
+    env = os.environ.get("EDGE_AGENT_CONFIG")
+    return Path(env) if env else DEFAULT_PATH
+
+
+def _loc(loc: tuple[int | str, ...], data: dict[str, Any]) -> str:
+    """A dotted key path, without pydantic's union tags (``sources.x.mqtt.port``)."""
+    parts = [str(p) for p in loc]
+    if len(parts) >= 3 and parts[0] == "sources":
+        kind = data.get("sources", {}).get(parts[1], {})
+        if isinstance(kind, dict) and kind.get("type") == parts[2]:
+            del parts[2]
+    return ".".join(p for p in parts if not p.startswith(("function-", "json-or-python")))
+
+
+_SECRET_KEYS = ("token", "password", "secret", "api_key", "apikey")
+
+
+def _is_secret_key(loc: tuple[int | str, ...]) -> bool:
+    return any(s in str(p).lower() for p in loc for s in _SECRET_KEYS)
+
+
+def _message(err: Any) -> str:
+    kind, msg, value = err["type"], err["msg"], err.get("input")
+    if kind == "extra_forbidden":
+        return "unknown key (check the spelling against config.example.toml)"
+    if kind == "missing":
+        return "required key is missing"
+    if kind in {"duration", "size", "secret_file", "secret_conflict"}:
+        return str(msg)
+    if kind == "union_tag_invalid":
+        return f"unknown source type {value.get('type')!r}" if isinstance(value, dict) else msg
+    if kind == "union_tag_not_found":
+        return "missing 'type' (one of: " + ", ".join(source_plugins.REGISTRY) + ")"
+    msg = str(msg).removeprefix("Value error, ")
+    if _is_secret_key(err["loc"]):  # e.g. `password = 123456` unquoted: never echo it
+        return msg
+    if isinstance(value, str | int | float | bool) and not kind.startswith("value_error"):
+        return f"{msg} (got {value!r})"
+    return msg
+
+
+def _profile_dirs(data: dict[str, Any]) -> list[Path]:
+    """``agent.profile_dirs`` as written (validated with the rest), for profile lookups."""
+    agent = data.get("agent")
+    dirs = agent.get("profile_dirs") if isinstance(agent, dict) else None
+    if not isinstance(dirs, list):
+        return []
+    return [Path(d).expanduser() for d in dirs if isinstance(d, str)]
+
+
+def parse(data: dict[str, Any], source: str | None = None) -> tuple[Settings, list[str]]:
+    """Validate config data; return the settings and any warnings, or raise ConfigError."""
+    warnings: list[str] = []
+    token = load_warnings.set(warnings)
+    try:
+        with profiles.searching(_profile_dirs(data)):
+            settings = Settings(**data)
+    except ValidationError as exc:
+        problems = [(_loc(e["loc"], data), _message(e)) for e in exc.errors()]
+        raise ConfigError(problems, source) from None
+    finally:
+        load_warnings.reset(token)
+    return settings, warnings
+
+
+def load(path: str | os.PathLike[str]) -> tuple[Settings, list[str]]:
+    """Read and validate a config file. Raises ConfigError naming every problem."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError([("", f"cannot read config file: {exc.strerror}")], str(path)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([("", f"invalid TOML: {exc}")], str(path)) from None
+    return parse(data, str(path))

@@ -1,0 +1,415 @@
+"""The unified maintenance record envelope (model v1).
+
+Every source turns its input into :class:`Record` objects; the outbox stores them and the
+forwarder sends them upstream unchanged (plus the outbox ``seq``). The identifiers are
+deterministic, so re-reading an unchanged row or a broker redelivering a message yields
+the same ``id`` and the upstream can drop what it has already seen:
+
+* ``entity_id = uuid5(NS, f"{source}:{entity_type}:{remote_id}")``
+* ``id = uuid5(NS, f"{entity_id}:{content_hash}")`` for entity versions,
+* ``id = uuid5(NS, f"{source}:{point}:{observed_at}")`` for readings and events.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any, Literal
+
+import orjson
+
+# The namespace of every edge-agent uuid5. Changing it changes every id: never do that.
+NS = uuid.UUID("6f1c8a52-3d0e-5b7a-9c41-2e8f5d6a7b30")
+
+MODEL_VERSION = 1
+_NS_BYTES = NS.bytes
+
+
+class EntityType(StrEnum):
+    """Entity types of the unified maintenance model v1."""
+
+    ASSET = "asset"
+    LOCATION = "location"
+    WORK_ORDER = "work_order"
+    MAINTENANCE_REQUEST = "maintenance_request"
+    METER_READING = "meter_reading"
+    EVENT = "event"
+    INSPECTION = "inspection"
+    PART = "part"
+    INVENTORY_LEVEL = "inventory_level"
+    PURCHASE_ORDER = "purchase_order"
+    CONNECTION_STATUS = "connection_status"
+
+
+class Op(StrEnum):
+    """What a record does to its entity upstream."""
+
+    UPSERT = "upsert"
+    DELETE = "delete"
+
+
+class RetentionClass(StrEnum):
+    """How the outbox may treat a record when it is over budget.
+
+    ``business`` records are never dropped; ``reading`` records (meter readings and
+    events) may be dropped oldest-first when the configuration allows it.
+    """
+
+    BUSINESS = "business"
+    READING = "reading"
+
+
+READING_TYPES = frozenset({EntityType.METER_READING, EntityType.EVENT})
+
+Precision = Literal["second", "minute", "day", "none"]
+
+
+def retention_class(entity_type: EntityType) -> RetentionClass:
+    """Return the retention class of an entity type."""
+    return RetentionClass.READING if entity_type in READING_TYPES else RetentionClass.BUSINESS
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        # Exact decimal text: SAP quantities and amounts must not pick up float noise.
+        return str(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, set | frozenset):
+        return sorted(value)
+    raise TypeError(f"value of type {type(value).__name__} is not JSON serializable")
+
+
+_CANON = orjson.OPT_SORT_KEYS | orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC
+
+
+def canonical_json(value: Any) -> bytes:
+    """Encode ``value`` canonically: sorted keys, no whitespace, UTF-8, times in UTC ``Z``.
+
+    Two equal values always give the same bytes, which is what makes ``content_hash``
+    and therefore record ids deterministic.
+    """
+    return orjson.dumps(value, default=_default, option=_CANON)
+
+
+# The last time formatted, and its text: a sync or a batch of messages stamps every
+# record with the same ``observed_at`` object. (Identity, not equality: a tuple swap is
+# atomic, and the object cannot be freed and its id reused while the tuple holds it.)
+_last_time: tuple[object, str] = (object(), "")
+
+
+def format_time(value: datetime) -> str:
+    """Format a datetime as RFC 3339 UTC with milliseconds (naive values are taken as UTC)."""
+    global _last_time  # noqa: PLW0603 - a one-entry cache
+    last = _last_time
+    if last[0] is value:
+        return last[1]
+    given = value
+    if value.tzinfo is not UTC:
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    if value.year >= 1000:  # isoformat is ~5x faster than strftime; same text for 4-digit years
+        text = iso_utc(value)
+    else:
+        text = value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    _last_time = (given, text)
+    return text
+
+
+def iso_utc(value: datetime) -> str:
+    """``value`` (UTC, tzinfo ``UTC``) as ``YYYY-MM-DDTHH:MM:SS.mmmZ``, milliseconds truncated.
+
+    The same text as ``isoformat(timespec="milliseconds")``, which costs twice as much
+    as the plain ``isoformat()`` sliced here (hot path: every reading).
+    """
+    text = value.isoformat()  # YYYY-MM-DDTHH:MM:SS[.ffffff]+00:00
+    return text[:23] + "Z" if value.microsecond else text[:19] + ".000Z"
+
+
+# uuid5 = sha1(namespace bytes + name): hash the namespace once and copy the state.
+_NS_SHA1 = hashlib.sha1(_NS_BYTES, usedforsecurity=False)
+# The RFC 4122 variant bits replace the top two bits of hex digit 16.
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+
+
+def _uuid5(name: str) -> str:
+    """``str(uuid.uuid5(NS, name))`` without building UUID objects (hot path: every record)."""
+    sha = _NS_SHA1.copy()
+    sha.update(name.encode())
+    h = sha.hexdigest()
+    return "".join(
+        (h[:8], "-", h[8:12], "-5", h[13:16], "-", _VARIANT[h[16]], h[17:20], "-", h[20:32])
+    )
+
+
+def _time_or_none(value: datetime | date | str | None) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, datetime):
+        return format_time(value)
+    return value.isoformat()
+
+
+@functools.lru_cache(maxsize=65536)
+def entity_uuid(source: str, entity_type: str, remote_id: str) -> uuid.UUID:
+    """The stable id of an entity: one per (source, entity type, remote id).
+
+    Cached: readings hit the same few thousand points over and over.
+    """
+    return uuid.uuid5(NS, f"{source}:{entity_type}:{remote_id}")
+
+
+@functools.lru_cache(maxsize=65536)
+def _entity_id(source: str, entity_type: str, remote_id: str) -> str:
+    """``str(entity_uuid(...))``, cached as text (readings: the same points again and again)."""
+    return _uuid5(f"{source}:{entity_type}:{remote_id}")
+
+
+_EMPTY_OBJECT = b"{}"
+_NULL = b"null"
+_OP_JSON: dict[str, bytes] = {op: orjson.dumps(op.value) for op in Op}
+
+
+def _hash(op_json: bytes, data: bytes, custom: bytes, remote_data: bytes) -> str:
+    """``content_hash`` from the canonical JSON of its parts.
+
+    The same bytes as ``canonical_json({"op", "data", "custom", "remote_data"})``: sorted
+    keys, no whitespace, each part in its own canonical form. Building it from the parts
+    lets a record encode ``data`` once for both its hash and its envelope.
+    """
+    body = b"".join(
+        (b'{"custom":', custom, b',"data":', data, b',"op":', op_json, b',"remote_data":',
+         remote_data, b"}")
+    )  # fmt: skip
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+def content_hash(
+    op: str, data: dict[str, Any], custom: dict[str, Any], remote_data: dict[str, Any] | None
+) -> str:
+    """``sha256:<hex>`` over the canonical JSON of what the upstream sees of a version."""
+    encode = canonical_json
+    return _hash(encode(op), encode(data), encode(custom), encode(remote_data))
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRef:
+    """Where a record comes from: the configured source name, its system and site."""
+
+    name: str
+    system: str
+    site: str | None = None
+    _json: bytes = field(init=False, repr=False, compare=False)
+    """:meth:`as_dict` as canonical JSON, encoded once (every record carries it)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_json", canonical_json(self.as_dict()))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``source`` object of the envelope."""
+        return {"name": self.name, "system": self.system, "site": self.site}
+
+
+_TYPE_JSON: dict[str, bytes] = {t: orjson.dumps(t.value) for t in EntityType}
+_PRECISION_JSON: dict[str, bytes] = {
+    p: orjson.dumps(p) for p in ("second", "minute", "day", "none")
+}
+
+
+def _envelope_json(rec: Record, parts: tuple[bytes, bytes, bytes | None]) -> bytes:
+    """``canonical_json(rec.envelope())`` spliced from parts (hot path: every record).
+
+    Only for records made by :meth:`Record.entity` and :meth:`Record.reading`: their
+    ``id``, ``entity_id`` and ``content_hash`` are hex digits and dashes (nothing to
+    escape). ``parts`` is the canonical JSON of data, custom and remote_data, shared
+    with the content hash. Keys come in sorted order, as ``OPT_SORT_KEYS`` writes them;
+    every other string goes through orjson. The golden tests compare this with
+    ``canonical_json``.
+    """
+    data, custom, remote_data = parts
+    dumps = orjson.dumps
+    precision = rec.modified_precision
+    return b"".join(
+        (
+            b'{"content_hash":"', rec.content_hash.encode(),
+            b'","custom":', custom,
+            b',"data":', data,
+            b',"entity_id":"', rec.entity_id.encode(),
+            b'","entity_type":', _TYPE_JSON.get(rec.entity_type) or dumps(str(rec.entity_type)),
+            b',"id":"', rec.id.encode(),
+            b'","modified_precision":', _PRECISION_JSON.get(precision) or dumps(precision),
+            b',"observed_at":', dumps(rec.observed_at),
+            b',"op":', _OP_JSON.get(rec.op) or dumps(str(rec.op)),
+            b"" if remote_data is None else b',"remote_data":', remote_data or b"",
+            b',"remote_id":', dumps(rec.remote_id),
+            b',"source":', rec.source._json,
+            b',"source_modified_at":', dumps(rec.source_modified_at),
+            b"}",
+        )
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One change in the unified model, as the upstream receives it (without ``seq``).
+
+    Build records with :meth:`entity` or :meth:`reading`, which compute the hash and the
+    deterministic ids; the constructor takes the fields as they are. A record is
+    immutable, its dicts included: :meth:`entity` and :meth:`reading` encode the
+    envelope once, when the content hash needs the encoded ``data`` anyway, and
+    :meth:`to_json` returns those bytes.
+    """
+
+    id: str
+    entity_id: str
+    entity_type: EntityType
+    op: Op
+    source: SourceRef
+    remote_id: str
+    observed_at: str
+    content_hash: str
+    data: dict[str, Any]
+    custom: dict[str, Any] = field(default_factory=dict)
+    remote_data: dict[str, Any] | None = None
+    source_modified_at: str | None = None
+    modified_precision: Precision = "second"
+    _json: bytes | None = field(default=None, init=False, repr=False, compare=False)
+
+    @classmethod
+    def entity(
+        cls,
+        source: SourceRef,
+        entity_type: EntityType,
+        remote_id: str,
+        data: dict[str, Any],
+        *,
+        op: Op = Op.UPSERT,
+        custom: dict[str, Any] | None = None,
+        remote_data: dict[str, Any] | None = None,
+        source_modified_at: datetime | date | str | None = None,
+        modified_precision: Precision = "second",
+        observed_at: datetime | str | None = None,
+    ) -> Record:
+        """A version of a business entity; its ``id`` depends only on its content.
+
+        ``observed_at`` may be given as text already formatted by :func:`format_time`
+        (a sync stamps a whole chunk with one time).
+        """
+        custom = custom or {}
+        d = canonical_json(data)
+        c = canonical_json(custom) if custom else _EMPTY_OBJECT
+        r = None if remote_data is None else canonical_json(remote_data)
+        eid = _uuid5(f"{source.name}:{entity_type}:{remote_id}")  # = entity_uuid(...)
+        chash = _hash(_OP_JSON.get(op) or canonical_json(op), d, c, _NULL if r is None else r)
+        rid = _uuid5(f"{eid}:{chash}")
+        if observed_at is None:
+            observed_at = datetime.now(UTC)
+        observed = observed_at if isinstance(observed_at, str) else format_time(observed_at)
+        modified = _time_or_none(source_modified_at)
+        rec = cls(
+            rid, eid, entity_type, op, source, remote_id, observed, chash,
+            data, custom, remote_data, modified, modified_precision,
+        )  # fmt: skip
+        object.__setattr__(rec, "_json", _envelope_json(rec, (d, c, r)))
+        return rec
+
+    @classmethod
+    def reading(
+        cls,
+        source: SourceRef,
+        entity_type: EntityType,
+        point: str,
+        observed_at: datetime,
+        data: dict[str, Any],
+        *,
+        custom: dict[str, Any] | None = None,
+        remote_data: dict[str, Any] | None = None,
+    ) -> Record:
+        """A meter reading or event of ``point``; its ``id`` is (source, point, time).
+
+        A broker redelivering the same message, or a poll re-reading the same sample,
+        gives the same id, so the upstream keeps one copy.
+        """
+        if entity_type not in READING_TYPES:
+            raise ValueError(f"reading() is for meter_reading and event, not {entity_type}")
+        custom = custom or {}
+        d = canonical_json(data)
+        c = canonical_json(custom) if custom else _EMPTY_OBJECT
+        r = None if remote_data is None else canonical_json(remote_data)
+        at = format_time(observed_at)
+        rid = _uuid5(f"{source.name}:{point}:{at}")
+        eid = _entity_id(source.name, entity_type, point)
+        chash = _hash(_OP_JSON[Op.UPSERT], d, c, _NULL if r is None else r)
+        rec = cls(
+            rid, eid, entity_type, Op.UPSERT, source, point, at, chash,
+            data, custom, remote_data, at, "second",
+        )  # fmt: skip
+        object.__setattr__(rec, "_json", _envelope_json(rec, (d, c, r)))
+        return rec
+
+    @property
+    def retention(self) -> RetentionClass:
+        """The record's retention class."""
+        return retention_class(self.entity_type)
+
+    def envelope(self, seq: int | None = None) -> dict[str, Any]:
+        """The JSON envelope of DESIGN.md (``seq`` included when known)."""
+        env: dict[str, Any] = {
+            "id": self.id,
+            "entity_id": self.entity_id,
+            "entity_type": str(self.entity_type),
+            "op": str(self.op),
+            "source": self.source.as_dict(),
+            "remote_id": self.remote_id,
+            "source_modified_at": self.source_modified_at,
+            "modified_precision": self.modified_precision,
+            "observed_at": self.observed_at,
+            "content_hash": self.content_hash,
+            "data": self.data,
+            "custom": self.custom,
+        }
+        if self.remote_data is not None:
+            env["remote_data"] = self.remote_data
+        if seq is not None:
+            env["seq"] = seq
+        return env
+
+    def to_json(self) -> bytes:
+        """The envelope (without ``seq``) as canonical JSON bytes, as the outbox stores it."""
+        if self._json is not None:
+            return self._json
+        return canonical_json(self.envelope())
+
+
+def connection_status(
+    source: SourceRef,
+    state: str,
+    reason: str | None = None,
+    detail: str | None = None,
+    at: datetime | None = None,
+) -> Record:
+    """A ``connection_status`` record: a source or the upstream changed state.
+
+    ``remote_id`` is the component's name, so upstream keeps one current status per
+    component. ``changed_at`` is part of the content, so going back to an earlier state
+    (connected, failed, connected) is a new version and not a duplicate.
+    """
+    now = at or datetime.now(UTC)
+    data: dict[str, Any] = {
+        "state": state,
+        "reason": reason,
+        "detail": detail,
+        "changed_at": format_time(now),
+    }
+    return Record.entity(
+        source,
+        EntityType.CONNECTION_STATUS,
+        source.name,
+        data,
+        source_modified_at=now,
+        observed_at=now,
+    )

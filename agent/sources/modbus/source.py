@@ -1,0 +1,183 @@
+"""The Modbus source: poll workers in, ``meter_reading`` and ``event`` records out."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+import structlog
+
+from agent.outbox import Quarantined
+from agent.rbe import RbeFilter, ReportByException
+from agent.records import EntityType, Record, format_time
+from agent.sources.base import Output, Source, SourceContext
+from agent.sources.modbus.codec import DecodeError, decode_registers, scaled
+from agent.sources.modbus.config import ModbusConfig, PointConfig
+from agent.sources.modbus.planner import Request
+from agent.sources.modbus.poller import ConnectionWorker, DeviceState, Poll
+
+log = structlog.get_logger("agent.sources.modbus")
+
+ON_CHANGE = ReportByException()  # events: report when the code changes
+
+
+class ModbusSource(Source):
+    """Polls Modbus devices over their connections and appends their readings."""
+
+    system: ClassVar[str] = "modbus"
+
+    def __init__(self, name: str, config: ModbusConfig, context: SourceContext) -> None:
+        super().__init__(name, config, context)
+        self.mconfig = config
+        self.devices = {n: DeviceState(n, d) for n, d in config.devices.items()}
+        self.workers: dict[str, ConnectionWorker] = {}
+        self.rbe = RbeFilter()
+        self.counters: Counter[str] = Counter()
+        self._out: Output | None = None
+        self._bad_points: set[str] = set()
+        self._last_code: dict[str, int] = {}
+
+    async def run(self, out: Output) -> None:
+        """Run one worker per connection that has devices, until cancelled."""
+        self._out = out
+        for conn_name, conn in self.mconfig.connections.items():
+            devices = [d for d in self.devices.values() if d.config.connection == conn_name]
+            if devices:
+                self.workers[conn_name] = ConnectionWorker(
+                    conn_name, conn, devices, sink=self._emit, on_state=self._device_state
+                )
+        if not self.workers:
+            await asyncio.Event().wait()  # nothing to poll; stay up like any source
+        async with asyncio.TaskGroup() as group:
+            for worker in self.workers.values():
+                group.create_task(worker.run(), name=f"modbus:{self.name}:{worker.name}")
+
+    def status(self) -> dict[str, Any]:
+        """Connections, devices and record counters."""
+        states = Counter(d.state for d in self.devices.values())
+        healthy = all(w.state == "connected" for w in self.workers.values()) and not (
+            states["offline"] or states["disconnected"]
+        )
+        return {
+            "state": "running" if healthy else "degraded",
+            "connections": {n: w.status() for n, w in self.workers.items()},
+            "devices": {n: d.status() for n, d in self.devices.items()},
+            "counters": {**self.counters, "rbe_suppressed": self.rbe.suppressed},
+        }
+
+    # ------------------------------------------------------------------ records
+
+    async def _emit(self, poll: Poll) -> None:
+        records: list[Record] = []
+        bad: list[Quarantined] = []
+        for request, data in poll.answers:
+            for point in request.points:
+                record = self._point_record(poll, request, point, data, bad)
+                if record is not None:
+                    records.append(record)
+        for request, reason in poll.invalid:
+            bad += [self._quarantine(poll, request, p, reason, None) for p in request.points]
+        if records or bad:
+            assert self._out is not None
+            await self._out.append(records, quarantine=bad)
+            self.counters["records"] += len(records)
+
+    def _point_record(
+        self,
+        poll: Poll,
+        request: Request,
+        point: PointConfig,
+        data: list[int] | list[bool],
+        bad: list[Quarantined],
+    ) -> Record | None:
+        key = f"{poll.device.name}.{point.name}"
+        offset = request.offset(point)
+        chunk = data[offset : offset + point.width]
+        try:
+            raw = bool(chunk[0]) if request.bits else decode_registers(point, chunk)
+        except (DecodeError, ValueError, IndexError) as exc:
+            self.counters["decode_errors"] += 1
+            if key not in self._bad_points:  # quarantine once per bad spell, count always
+                self._bad_points.add(key)
+                bad.append(self._quarantine(poll, request, point, f"decode: {exc}", chunk))
+            return None
+        self._bad_points.discard(key)
+        if point.kind == "reading":
+            return self._reading(poll, point, key, raw)
+        return self._event(poll, point, key, raw)
+
+    def _reading(self, poll: Poll, point: PointConfig, key: str, raw: Any) -> Record | None:
+        value = scaled(point, raw)
+        if not self.rbe.check(key, value, poll.observed_at.timestamp(), point.rbe, "good"):
+            return None
+        self.counters["readings"] += 1
+        data: dict[str, Any] = {
+            "asset_remote_id": poll.device.config.asset,
+            "device": poll.device.name,
+            "point": point.name,
+            "value": value,
+            "unit": point.unit,
+            "quality": "good",
+        }
+        remote = {"unit_id": poll.device.config.unit_id, "table": point.table, "raw": raw}
+        return Record.reading(
+            self.ref, EntityType.METER_READING, key, poll.observed_at, data, remote_data=remote
+        )
+
+    def _event(self, poll: Poll, point: PointConfig, key: str, raw: Any) -> Record | None:
+        code = int(raw)
+        if not self.rbe.check(key, code, poll.observed_at.timestamp(), point.rbe or ON_CHANGE):
+            return None
+        previous = self._last_code.get(key)
+        self._last_code[key] = code
+        self.counters["events"] += 1
+        entry = point.codes.get(str(code))
+        if entry is None:
+            self.counters["unknown_codes"] += 1
+        data: dict[str, Any] = {
+            "asset_remote_id": poll.device.config.asset,
+            "device": poll.device.name,
+            "point": point.name,
+            "event_type": point.kind,
+            "raw_code": code,
+            "code": entry.code if entry else f"unknown_{code}",
+            "text": entry.text if entry else f"unknown {point.kind} code {code}",
+            "severity": entry.severity if entry else point.unknown_severity,
+            "previous_raw_code": previous,
+        }
+        return Record.reading(self.ref, EntityType.EVENT, key, poll.observed_at, data)
+
+    def _quarantine(
+        self, poll: Poll, request: Request, point: PointConfig, reason: str, raw: Any
+    ) -> Quarantined:
+        self.counters["quarantined"] += 1
+        context = {
+            "device": poll.device.name,
+            "unit_id": poll.device.config.unit_id,
+            "point": point.name,
+            "table": point.table,
+            "address": point.address,
+            "request": request.describe(),
+            "raw": raw,
+        }
+        return Quarantined(self.name, reason, context)
+
+    async def _device_state(self, device: DeviceState, state: str, reason: str | None) -> None:
+        """A device changed state: tell upstream with a per-device connection_status."""
+        if self._out is None or state == "unknown":
+            return
+        record = Record.entity(
+            self.ref,
+            EntityType.CONNECTION_STATUS,
+            f"{self.name}/{device.name}",
+            {
+                "state": state,
+                "reason": reason,
+                "device": device.name,
+                "asset_remote_id": device.config.asset,
+                "changed_at": format_time(datetime.now(UTC)),
+            },
+        )
+        await self._out.append([record])

@@ -1,0 +1,377 @@
+"""The MQTT source: one broker connection, QoS 1 persistent session, ack after commit.
+
+No-loss protocol: paho's manual acknowledgement is switched on before connecting, so a
+QoS 1 message is acknowledged (PUBACK) only after ``await out.append(...)`` returned for
+the records (and quarantine entries) it produced. Messages that arrive together are
+mapped and committed in one append, then acknowledged in arrival order (MQTT requires
+PUBACKs in the order the PUBLISHes came). A crash before the PUBACK makes the broker
+redeliver from the persistent session; the deterministic record ids make that
+redelivery a duplicate the upstream drops.
+
+aiomqtt 2.x has no manual-ack option yet (empicano/aiomqtt#345, PR #346), so the paho
+client underneath (``client._client``) is used for ``manual_ack_set`` and ``ack``; both
+run on the event loop thread, where aiomqtt drives paho.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from agent.backoff import Backoff
+from agent.configtypes import secret_value
+from agent.errors import OutboxWriteError
+from agent.outbox import Cursor, Quarantined
+from agent.records import Record
+from agent.sources.base import Output, Source, SourceConfig, SourceContext
+from agent.sources.mqtt.config import MqttConfig
+from agent.sources.mqtt.mapping import ALIAS_CURSOR_KEY, Mapper
+
+log = structlog.get_logger("agent.sources.mqtt")
+
+# Test-only hook: when set to 1, committed messages are never acknowledged, which makes
+# the crash window "committed but not acknowledged" deterministic for the no-loss tests.
+# Never set it in production: the broker would redeliver everything at every reconnect.
+TEST_HOLD_ACKS_ENV = "EDGE_AGENT_TEST_MQTT_HOLD_ACKS"
+
+SESSION_TAKEN_OVER = 142
+_PAHO_LOGGER = "mqtt"  # aiomqtt's default logger for paho  # MQTT 5 DISCONNECT reason code 0x8E
+
+
+def _reason_code(exc: BaseException) -> int | None:
+    """The MQTT reason code behind an aiomqtt error, if there is one."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        rc = getattr(cur, "rc", None)
+        if rc is not None:
+            return _code(rc)
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _code(value: Any) -> int:
+    """A reason code or granted QoS (paho gives ReasonCode objects or ints)."""
+    return int(getattr(value, "value", value))
+
+
+def _describe(exc: BaseException) -> str:
+    cause = exc.__cause__
+    text = f"{type(exc).__name__}: {exc}"
+    return f"{text} ({type(cause).__name__}: {cause})" if cause is not None else text
+
+
+class _ClosingSSLSocket(ssl.SSLSocket):
+    """Closes itself when the handshake fails.
+
+    paho 2.2 drops the socket of a failed TLS handshake without closing it, so each
+    failed reconnect (untrusted or expired broker certificate) would leak a descriptor
+    until garbage collection.
+    """
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
+
+
+class MqttSource(Source):
+    """Subscribes to one broker; see :mod:`agent.sources.mqtt`."""
+
+    system = "mqtt"
+
+    def __init__(self, name: str, config: SourceConfig, context: SourceContext) -> None:
+        super().__init__(name, config, context)
+        assert isinstance(config, MqttConfig)
+        self.cfg = config
+        self.mapper = Mapper(self.ref, config)
+        self.counters: Counter[str] = Counter()
+        self.connected = False
+        self.state = "starting"
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.last_message_at: float | None = None
+        self.connected_since: float | None = None
+        self.session_present: bool | None = None
+        self.clash_suspected = False
+        self._short_streak = 0
+        self._hold_acks = os.environ.get(TEST_HOLD_ACKS_ENV) == "1"
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        """Connection state, last error, last message time and counters."""
+        counters = dict(self.counters)
+        bad = dict(self.mapper.counters)
+        return {
+            "state": self.state,
+            "connected": self.connected,
+            "broker": f"{self.cfg.host}:{self.cfg.port}",
+            "client_id": self.cfg.client_id,
+            "connected_since": self.connected_since,
+            "session_present": self.session_present,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+            "last_message_at": self.last_message_at,
+            "client_id_clash_suspected": self.clash_suspected,
+            "counters": counters,
+            "input_problems": bad,
+            "rbe_suppressed": self.mapper.rbe.suppressed,
+            "sparkplug_sequence_gaps": self.mapper.sequence_gaps,
+        }
+
+    # ------------------------------------------------------------------ run
+
+    async def run(self, out: Output) -> None:
+        """Connect, consume and reconnect with jittered backoff until cancelled."""
+        self.mapper.restore_aliases(await out.cursor(self.name, ALIAS_CURSOR_KEY))
+        backoff = Backoff(self.cfg.reconnect_initial, self.cfg.reconnect_cap)
+        while True:
+            started = time.monotonic()
+            self.state = "connecting"
+            try:
+                await self._session(out)
+            except aiomqtt.MqttError as exc:
+                self._failed(exc, "connection")
+            except OutboxWriteError as exc:
+                # Nothing of the batch was stored nor acknowledged: reconnect, and the
+                # broker redelivers it. RBE must report again what it thought it had.
+                self.mapper.reset_rbe()
+                self._failed(exc, "outbox")
+            finally:
+                self.connected = False
+            lived = time.monotonic() - started
+            self._after_disconnect(lived, backoff)
+            delay = backoff.delay(at_least=self.cfg.reconnect_initial / 10)
+            self.state = "reconnecting"
+            log.info("mqtt_reconnect_scheduled", source=self.name, delay=round(delay, 2))
+            await asyncio.sleep(delay)
+
+    def _failed(self, exc: BaseException, where: str) -> None:
+        self.last_error = _describe(exc)
+        self.last_error_at = time.time()
+        self.counters[f"errors_{where}"] += 1
+        rc = _reason_code(exc)
+        if rc == SESSION_TAKEN_OVER:
+            self.counters["session_taken_over"] += 1
+            self.clash_suspected = True
+            log.error(
+                "mqtt_client_id_clash_suspected",
+                source=self.name,
+                client_id=self.cfg.client_id,
+                detail="broker says another client connected with the same client id "
+                "(session taken over); give each agent its own client_id",
+            )
+        log.warning(
+            "mqtt_disconnected",
+            source=self.name,
+            error=self.last_error,
+            reason_code=rc,
+            was_connected_for=None
+            if self.connected_since is None
+            else round(time.time() - self.connected_since, 1),
+        )
+
+    def _after_disconnect(self, lived: float, backoff: Backoff) -> None:
+        """Backoff and client-id clash bookkeeping after a session ended."""
+        was_connected = self.connected_since is not None
+        self.connected_since = None
+        if lived >= self.cfg.stable_after:
+            backoff.reset()
+            self._short_streak = 0
+            return
+        if not was_connected:
+            return  # a failed connect is not a kick-off
+        self._short_streak += 1
+        self.counters["short_connections"] += 1
+        if self._short_streak >= self.cfg.clash_threshold:
+            self.clash_suspected = True
+            if self._short_streak == self.cfg.clash_threshold:
+                log.error(
+                    "mqtt_client_id_clash_suspected",
+                    source=self.name,
+                    client_id=self.cfg.client_id,
+                    short_connections=self._short_streak,
+                    detail="the broker keeps closing the connection shortly after connect; "
+                    "most likely another client uses the same client_id",
+                )
+
+    # ------------------------------------------------------------------ session
+
+    async def _session(self, out: Output) -> None:
+        client = await self._client()
+        async with client:
+            self.connected = True
+            self.connected_since = time.time()
+            self.counters["connects"] += 1
+            log.info(
+                "mqtt_connected",
+                source=self.name,
+                broker=f"{self.cfg.host}:{self.cfg.port}",
+                protocol=self.cfg.protocol,
+                client_id=self.cfg.client_id,
+                session_present=self.session_present,
+            )
+            if self.counters["connects"] > 1 and self.session_present is False:
+                log.warning(
+                    "mqtt_session_not_present",
+                    source=self.name,
+                    detail="the broker had no session for this client id: messages "
+                    "published while disconnected may be missing (session expired, "
+                    "broker restarted without persistence, or a client id clash)",
+                )
+            await self._subscribe(client)
+            self.state = "connected"
+            if self._short_streak < self.cfg.clash_threshold:
+                self.clash_suspected = False
+            await self._consume(client, out)
+
+    async def _client(self) -> aiomqtt.Client:
+        c = self.cfg
+        v5 = c.protocol == "5"
+        props = None
+        if v5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = min(int(c.session_expiry), 0xFFFFFFFF)
+            props.ReceiveMaximum = c.receive_maximum
+        tls = await asyncio.to_thread(self._tls_context) if c.tls is not None else None
+        client = aiomqtt.Client(
+            c.host,
+            c.port,
+            username=c.username,
+            password=secret_value(c.password),
+            identifier=c.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            clean_session=None if v5 else False,
+            # 3.1.1 takes clean_session; paho refuses clean_start there unless left default.
+            clean_start=False if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            keepalive=max(1, int(c.keepalive)),
+            timeout=c.connect_timeout,
+            properties=props,
+            tls_context=tls,
+            tls_insecure=True if c.tls is not None and c.tls.insecure_skip_verify else None,
+        )
+        inner: paho.Client = client._client
+        if not logging.getLogger(_PAHO_LOGGER).isEnabledFor(logging.DEBUG):
+            # paho formats a debug line per packet even when nobody listens; its errors
+            # reach us as aiomqtt exceptions anyway.
+            inner.disable_logger()
+        # Before connecting: a persistent session delivers queued messages right after
+        # CONNACK, and each must wait for its commit before its PUBACK.
+        inner.manual_ack_set(True)
+        on_connect: Any = inner.on_connect
+
+        def capture(cl: Any, ud: Any, flags: Any, rc: Any, props: Any = None) -> None:
+            self.session_present = bool(getattr(flags, "session_present", False))
+            on_connect(cl, ud, flags, rc, props)
+
+        inner.on_connect = capture
+        return client
+
+    def _tls_context(self) -> ssl.SSLContext:
+        tls = self.cfg.tls
+        assert tls is not None
+        ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+        ctx.sslsocket_class = _ClosingSSLSocket
+        if tls.cert_file is not None:
+            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
+        if tls.insecure_skip_verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    async def _subscribe(self, client: aiomqtt.Client) -> None:
+        subs = self.cfg.subscriptions
+        topics: list[tuple[str, Any]]
+        if self.cfg.protocol == "5":
+            # Retained messages only for a new subscription: a resubscribe after a
+            # reconnect must not replay them as fresh readings.
+            topics = [(s.mqtt_filter, SubscribeOptions(qos=s.qos, retainHandling=1)) for s in subs]
+        else:
+            topics = [(s.mqtt_filter, s.qos) for s in subs]
+        granted = await client.subscribe(topics, timeout=self.cfg.connect_timeout)
+        refused = [
+            f"{t}: {g}" for (t, _), g in zip(topics, granted, strict=False) if _code(g) >= 0x80
+        ]
+        if refused:
+            raise aiomqtt.MqttError("subscription refused by the broker: " + "; ".join(refused))
+        log.info("mqtt_subscribed", source=self.name, filters=[t for t, _ in topics])
+
+    # ------------------------------------------------------------------ consume
+
+    async def _consume(self, client: aiomqtt.Client, out: Output) -> None:
+        messages = client.messages
+        # aiomqtt's iterator costs a task per message; what is already queued is taken
+        # straight from its queue (same order, same messages).
+        queue: asyncio.Queue[aiomqtt.Message] = client._queue
+        while True:
+            batch = [await anext(messages)]
+            while not queue.empty() and len(batch) < self.cfg.batch_max_messages:
+                batch.append(queue.get_nowait())
+            acks = [(m.mid, m.qos) for m in batch]
+            await self._commit(batch, out)
+            if not self._hold_acks:
+                ack = client._client.ack
+                for mid, qos in acks:
+                    ack(mid, qos)
+            self.counters["acked"] += len(acks)
+
+    async def _commit(self, batch: list[aiomqtt.Message], out: Output) -> None:
+        """Map ``batch`` and commit its records; empties ``batch`` once mapped.
+
+        paho's messages are heavy (~60 objects each, MQTT 5 properties): dropping them
+        before the commit waits keeps the heap, and so the cost of every cyclic GC
+        pass, small while the next messages pile up in the client's queue.
+        """
+        now = datetime.now(UTC)
+        self.last_message_at = now.timestamp()
+        count = len(batch)
+        self.counters["received"] += count
+        records: list[Record] = []
+        bad: list[Quarantined] = []
+        cursor: Cursor | None = None
+        suppressed = 0
+        for m in batch:
+            payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
+            outcome = self.mapper.map(m.topic.value, payload, now)
+            records += outcome.records
+            suppressed += outcome.suppressed
+            if outcome.quarantine is not None:
+                bad.append(outcome.quarantine)
+                self._log_bad(outcome.quarantine)
+            cursor = outcome.cursor or cursor  # each holds the full alias state
+        batch.clear()
+        if records or bad or cursor:
+            await out.append(records, cursor, quarantine=bad)
+        self.counters["records"] += len(records)
+        self.counters["quarantined"] += len(bad)
+        self.counters["suppressed"] += suppressed
+        self.counters["committed_messages"] += count
+
+    def _log_bad(self, q: Quarantined) -> None:
+        n = self.mapper.counters[q.reason]
+        if n == 1 or n % 100 == 0:
+            log.warning(
+                "mqtt_bad_input",
+                source=self.name,
+                reason=q.reason,
+                topic=q.context.get("topic"),
+                count=n,
+                detail=q.context["problems"][0]["detail"] if q.context.get("problems") else None,
+            )

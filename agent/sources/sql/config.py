@@ -1,0 +1,221 @@
+"""Configuration of a ``[sources.<name>]`` table with ``type = "sql"``.
+
+One class per TOML table; unknown keys are errors and the field docstrings are the user
+documentation (docs/sql-sources.md repeats them with examples).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from agent.configtypes import Duration, SecretFilePath, Section
+from agent.records import EntityType
+from agent.sources.base import SourceConfig
+
+Profile = Literal["sap_ecc", "maximo", "declarative"]
+CursorKind = Literal["timestamp", "number", "text", "sap_date", "sap_datetime"]
+
+PROFILE_ENTITIES: dict[str, tuple[str, ...]] = {
+    "sap_ecc": ("assets", "locations", "work_orders", "notifications", "readings", "parts",
+                "inventory", "purchase_orders"),
+    "maximo": ("work_orders", "assets", "locations"),
+}  # fmt: skip
+"""Entities of the built-in profiles (``include`` picks from these)."""
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$#]*$")
+# Statements that change data or the session; refused anywhere in a declarative query.
+_WRITE_WORDS = re.compile(
+    r"\b(insert|update|delete|merge|upsert|drop|alter|create|truncate|grant|revoke|call|"
+    r"exec|execute|copy|lock|set|attach|detach|pragma|vacuum|into|for\s+update)\b",
+    re.IGNORECASE,
+)
+_COMMENT = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
+_STRING = re.compile(r"'(?:[^']|'')*'")
+
+
+def check_select(sql: str) -> str:
+    """Accept one read-only SELECT (or WITH ... SELECT) statement, or raise ValueError.
+
+    This is a guard against configuration mistakes, not a sandbox: the session is also
+    read-only where the database allows it, and the account should only have SELECT.
+    """
+    bare = _STRING.sub("''", _COMMENT.sub(" ", sql)).strip().rstrip(";").strip()
+    if ";" in bare:
+        raise ValueError("only one statement is allowed (found ';')")
+    first = bare.split(None, 1)[0].lower() if bare else ""
+    if first not in {"select", "with"}:
+        raise ValueError("the query must be a single SELECT statement")
+    if m := _WRITE_WORDS.search(bare):
+        raise ValueError(f"the query must only read; {m.group(0).upper()!r} is not allowed")
+    return sql.strip().rstrip(";")
+
+
+def check_ident(name: str) -> str:
+    """A plain SQL identifier (optionally schema-qualified with one dot)."""
+    parts = name.split(".")
+    if len(parts) > 2 or not all(_IDENT.match(p) for p in parts):
+        raise ValueError(f"{name!r} is not a plain identifier (letters, digits, _)")
+    return name
+
+
+class FieldMapping(Section):
+    """Per-entity field mapping, applied after the profile's own mapping.
+
+    Changes take effect on reload; no code change is needed.
+    """
+
+    rename: dict[str, str] = Field(default_factory=dict)
+    """Rename unified ``data`` fields: ``{ title = "name" }``."""
+    drop: list[str] = Field(default_factory=list)
+    """Remove these ``data`` fields (and ``remote_data`` columns of the same name)."""
+    custom: dict[str, str] = Field(default_factory=dict)
+    """Add ``custom`` fields from raw source columns: ``{ zz_contract = "ZZCONTRACT" }``."""
+    remote_data: bool = True
+    """Include the raw row as ``remote_data``."""
+
+
+class EntityConfig(Section):
+    """One declarative entity (``[sources.<name>.entities.<entity>]``)."""
+
+    entity_type: EntityType
+    """Unified entity type: ``work_order``, ``asset``, ``location``, ``part``..."""
+    table: str | None = None
+    """Table (or ``schema.table``) to read. Set ``table`` or ``query``, not both."""
+    query: str | None = None
+    """A single SELECT; refused at load if it is anything else."""
+    key: list[str]
+    """Columns that identify a row (``remote_id`` joins them with ``/``)."""
+    cursor: str
+    """Column whose value grows on every change (timestamp, rowversion, sequence)."""
+    cursor_kind: CursorKind = "timestamp"
+    """``timestamp`` (date/time column), ``number`` (rowversion, sequence), ``text``,
+    ``sap_date`` (CHAR(8) YYYYMMDD) or ``sap_datetime`` (CHAR(14))."""
+    overlap: Duration = 0.0
+    """Re-read this much before the watermark on every sync (day-precision cursors: "1d");
+    re-read unchanged rows are skipped by content hash."""
+    fields: dict[str, str] = Field(default_factory=dict)
+    """Unified ``data`` field = source column, e.g. ``{ title = "DESCRIPTION" }``."""
+    deleted_when: dict[str, str] = Field(default_factory=dict)
+    """Column = value that marks a row deleted (``op = delete``): ``{ IS_DELETED = "1" }``."""
+    modified_precision: Literal["second", "minute", "day", "none"] = "second"
+    """Precision of the cursor column, stamped on records."""
+
+    @field_validator("table")
+    @classmethod
+    def _table(cls, value: str | None) -> str | None:
+        return None if value is None else check_ident(value)
+
+    @field_validator("query")
+    @classmethod
+    def _query(cls, value: str | None) -> str | None:
+        return None if value is None else check_select(value)
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one key column is required")
+        return [check_ident(v) for v in value]
+
+    @field_validator("cursor")
+    @classmethod
+    def _cursor(cls, value: str) -> str:
+        return check_ident(value)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EntityConfig:
+        if (self.table is None) == (self.query is None):
+            raise ValueError("set exactly one of 'table' or 'query'")
+        return self
+
+
+class SqlSourceConfig(SourceConfig):
+    """A database source: SAP ECC, IBM Maximo, or any CMMS declared in config."""
+
+    type: Literal["sql"]
+    """Always ``"sql"``."""
+    profile: Profile
+    """``sap_ecc``, ``maximo`` or ``declarative`` (tables and queries declared below)."""
+    url: str
+    """SQLAlchemy URL without password, e.g. ``postgresql+asyncpg://edge@db:5432/prd``,
+    ``mysql+asyncmy://``, ``mssql+aioodbc://``, ``oracle+oracledb_async://``,
+    ``hana+hdbcli://`` (run in a worker thread), ``sqlite+aiosqlite:///path?mode=ro``."""
+    password: SecretStr | None = None
+    """Database password (prefer ``password_file``); merged into the URL, never logged."""
+    password_file: SecretFilePath | None = None
+    """File holding the database password."""
+    db_schema: str | None = Field(default=None, alias="schema")
+    """Schema of the profile's tables (SAP: often ``SAPSR3``; Maximo: ``MAXIMO``)."""
+    client: str = "100"
+    """SAP client (``MANDT``): only rows of this client are read."""
+    language: str = "E"
+    """SAP language key (``SPRAS``) for texts (EQKT, IFLOTX, MAKT, TJ02T)."""
+    timezone: str = "UTC"
+    """Time zone of the database's local times (SAP server time), e.g. ``Europe/Berlin``."""
+    entities: dict[str, EntityConfig] = Field(default_factory=dict)
+    """Declarative profile: the entities to read (see docs/sql-sources.md)."""
+    include: list[str] | None = None
+    """Built-in profiles: read only these entities (default: all of the profile)."""
+    interval: Duration = 900.0
+    """Time between incremental syncs of an entity (seconds to daily: "30s", "15m", "1d")."""
+    initial_window: Duration | None = 90 * 86400.0
+    """First sync reads rows changed within this window ("90d"); unset: everything."""
+    reconcile_interval: Duration | None = 86400.0
+    """How often to compare all keys and turn hard deletes into ``delete`` records; unset:
+    never."""
+    chunk_size: int = Field(default=5000, ge=1, le=100_000)
+    """Rows per query and per outbox transaction; memory stays flat at any table size."""
+    mappings: dict[str, FieldMapping] = Field(default_factory=dict)
+    """Field mappings per entity name: ``[sources.<name>.mappings.work_orders]``."""
+    retry_initial: Duration = 5.0
+    """First retry delay after a database error (full-jitter backoff)."""
+    retry_cap: Duration = 600.0
+    """Longest retry delay."""
+    query_timeout: Duration = 300.0
+    """A query taking longer than this fails (and is retried)."""
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use e.g. 'Europe/Berlin')") from None
+        return value
+
+    @field_validator("db_schema")
+    @classmethod
+    def _schema(cls, value: str | None) -> str | None:
+        return None if value is None else check_ident(value)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        from sqlalchemy.engine import make_url  # noqa: PLC0415 - keep config import light
+        from sqlalchemy.exc import ArgumentError  # noqa: PLC0415
+
+        try:
+            url = make_url(value)
+        except ArgumentError as exc:
+            raise ValueError(f"invalid database URL: {exc}") from None
+        if url.password:
+            raise ValueError("put the password in 'password_file', not in the URL")
+        return value
+
+    @model_validator(mode="after")
+    def _profile_entities(self) -> SqlSourceConfig:
+        if self.profile == "declarative" and not self.entities:
+            raise ValueError("profile 'declarative' needs at least one [entities.<name>] table")
+        if self.profile != "declarative" and self.entities:
+            raise ValueError(f"'entities' is for profile 'declarative', not {self.profile!r}")
+        known = PROFILE_ENTITIES.get(self.profile) or tuple(self.entities)
+        unknown = sorted(set(self.include or ()) - set(known))
+        if unknown:
+            raise ValueError(
+                f"include: unknown entities {unknown}; {self.profile} has {list(known)}"
+            )
+        return self

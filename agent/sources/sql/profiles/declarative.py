@@ -1,0 +1,124 @@
+"""The declarative profile: any CMMS schema, one table or SELECT per entity in config.
+
+Example (a Mechanic's Mate / MP2 style work order table)::
+
+    [sources.cmms.entities.work_orders]
+    entity_type = "work_order"
+    table = "WORKORDERS"
+    key = ["WONUM"]
+    cursor = "LASTMODIFIED"
+    fields = { title = "DESCRIPTION", status = "STATUS", asset_remote_id = "EQUIPID" }
+    deleted_when = { DELETED = "1" }
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, date, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import ColumnClause, Select, column, select, text
+
+from agent.records import Op
+from agent.sources.sql.config import EntityConfig, SqlSourceConfig
+from agent.sources.sql.engine import Database
+from agent.sources.sql.mapping import resolve
+from agent.sources.sql.model import EntitySpec, Feed, Mapped, Row
+
+_UTC_ZONE = ZoneInfo("UTC")
+
+
+def remote_id_of(values: Any) -> str:
+    """Key values -> ``remote_id`` (strings keep their zero padding; ``/`` between parts)."""
+    return "/".join(str(v).rstrip() if isinstance(v, str) else str(v) for v in values)
+
+
+def as_utc(value: Any, tz: ZoneInfo) -> datetime | None:
+    """A database time as UTC; naive values are local times of ``tz``.
+
+    SQLite has no time type: ISO text (``2026-11-20 08:00:00``) is parsed.
+    """
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            # Fast path for the common UTC database: no zone arithmetic.
+            return (
+                value.replace(tzinfo=UTC)
+                if tz is _UTC_ZONE
+                else value.replace(tzinfo=tz).astimezone(UTC)
+            )
+        return value.astimezone(UTC)
+    if isinstance(value, date):
+        return datetime(value.year, value.month, value.day, tzinfo=tz).astimezone(UTC)
+    return None
+
+
+def _clean(value: Any) -> Any:
+    return value.rstrip() if value.__class__ is str else value
+
+
+def _entity(name: str, ent: EntityConfig, tz: ZoneInfo) -> EntitySpec:
+    sql = ent.query if ent.query is not None else f"SELECT * FROM {ent.table}"
+    # is_literal: names are written as the database spells them (no quoting, no folding).
+    cols: dict[str, ColumnClause[Any]] = {
+        c: column(c, is_literal=True) for c in [*ent.key, ent.cursor]
+    }
+    q = text(sql).columns(*cols.values()).subquery("q")
+    mod, keys = q.c[ent.cursor], tuple(q.c[k] for k in ent.key)
+    base: Select[Any] = select(text("q.*")).select_from(q).where(mod.is_not(None))
+    feed = Feed("main", base, mod, keys, ent.cursor_kind, ent.overlap)
+    deleted = {k: str(v) for k, v in ent.deleted_when.items()}
+
+    timestamp = ent.cursor_kind == "timestamp"
+    plan: list[list[tuple[str, str | None]]] = []  # resolved once: databases fold case
+
+    def prepare(row: Row) -> list[list[tuple[str, str | None]]]:
+        return [
+            [(f, resolve(row, c)) for f, c in ent.fields.items()],
+            [(k, resolve(row, k)) for k in ent.key],
+            [(v, resolve(row, c)) for c, v in deleted.items()],
+        ]
+
+    def mapper(row: Row, _ctx: Any) -> Mapped:
+        if not plan:
+            plan.extend(prepare(row))
+        fields, key, gone_when = plan
+        # Hot loop (every row): an unresolved column (None) reads as None, since no row
+        # has a None key; text is right-stripped inline rather than by a call per field.
+        get: Callable[[str | None], Any] = row.get  # type: ignore[assignment]
+        data = {f: v.rstrip() if (v := get(n)).__class__ is str else v for f, n in fields}
+        gone = bool(gone_when) and any(n and str(_clean(get(n))) == v for v, n in gone_when)
+        if len(key) == 1:
+            k = get(key[0][1])
+            remote_id = k.rstrip() if isinstance(k, str) else str(k)
+        else:
+            remote_id = remote_id_of([get(n) if n else None for _, n in key])
+        return Mapped(
+            remote_id,
+            data,
+            Op.DELETE if gone else Op.UPSERT,
+            as_utc(get("_m"), tz) if timestamp else None,
+        )
+
+    return EntitySpec(
+        name=name,
+        entity_type=ent.entity_type,
+        feeds=(feed,),
+        key_columns=keys,
+        key_select=select(*keys).select_from(q),
+        mapper=mapper,
+        remote_id=remote_id_of,
+        precision=ent.modified_precision,
+        system="sql",
+    )
+
+
+def specs(config: SqlSourceConfig, _db: Database) -> list[EntitySpec]:
+    """One spec per ``[entities.<name>]`` table."""
+    tz = ZoneInfo(config.timezone)
+    return [_entity(name, ent, tz) for name, ent in config.entities.items()]

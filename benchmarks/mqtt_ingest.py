@@ -1,0 +1,211 @@
+"""MQTT ingest: messages/s the MQTT source commits to the outbox, against a bare subscriber.
+
+Both consumers drain the same number of QoS 1 JSON messages that a publisher queued in
+their persistent sessions on a private mosquitto (so the publisher's speed does not
+matter). Figure: the agent's MQTT source (map, commit to a real outbox with
+synchronous=FULL, acknowledge after commit). Ceiling: a bare aiomqtt subscriber (same
+client library, acknowledges on receipt) that only counts. Zero loss is checked: every
+message's record id must be in the outbox.
+
+    python benchmarks/mqtt_ingest.py [--quick] [--messages N]
+
+Last line: JSON with benchmark, value, unit, ceiling, ratio (target ratio >= 0.7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sqlite3
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import aiomqtt
+import structlog
+
+from agent.outbox import Outbox
+from agent.records import EntityType, Record, SourceRef
+from agent.sources.base import SourceContext
+from agent.sources.mqtt import MqttConfig, MqttSource
+from tests.helpers.mosquitto import Mosquitto
+from tests.helpers.mqttpub import Publisher
+
+ASSETS = 10
+TS0 = 1_790_000_000
+
+
+def topic(i: int) -> str:
+    return f"bench/A{i % ASSETS}"
+
+
+def payload(i: int) -> bytes:
+    return json.dumps({"ts": TS0 + i, "v": i * 0.5, "q": "good"}).encode()
+
+
+def preload(port: int, n: int) -> None:
+    with Publisher(port) as pub:
+        pub.publish_many((topic(i), payload(i)) for i in range(n))
+
+
+async def create_session(port: int, client_id: str) -> None:
+    """Connect once so the broker holds a session with the subscription, then leave."""
+    async with aiomqtt.Client(
+        "127.0.0.1",
+        port,
+        identifier=client_id,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        clean_start=False,
+        properties=session_props(),
+    ) as c:
+        await c.subscribe("bench/+", qos=1)
+
+
+def session_props() -> object:
+    from paho.mqtt.packettypes import PacketTypes  # noqa: PLC0415
+    from paho.mqtt.properties import Properties  # noqa: PLC0415
+
+    p = Properties(PacketTypes.CONNECT)
+    p.SessionExpiryInterval = 3600
+    p.ReceiveMaximum = 1000
+    return p
+
+
+async def bare(port: int, n: int) -> float:
+    """Ceiling: receive n queued messages and count them (auto-ack on receipt)."""
+    count = 0
+    t0 = time.perf_counter()
+    c = aiomqtt.Client(
+        "127.0.0.1",
+        port,
+        identifier="bench-bare",
+        protocol=aiomqtt.ProtocolVersion.V5,
+        clean_start=False,
+        properties=session_props(),
+    )
+    c._client.disable_logger()  # the agent does the same; keep the comparison fair
+    async with c:
+        await c.subscribe("bench/+", qos=1)
+        # Same receive path as the agent: first message through the iterator, whatever is
+        # already queued straight from aiomqtt's queue.
+        queue = c._queue
+        messages = c.messages
+        while count < n:
+            await anext(messages)
+            count += 1
+            while not queue.empty():
+                queue.get_nowait()
+                count += 1
+    return n / (time.perf_counter() - t0)
+
+
+def agent_config(port: int) -> MqttConfig:
+    return MqttConfig.model_validate(
+        {
+            "type": "mqtt",
+            "host": "127.0.0.1",
+            "port": port,
+            "client_id": "bench-agent",
+            "subscriptions": [
+                {
+                    "topic": "bench/{asset}",
+                    "asset": "{asset}",
+                    "timestamp_path": "ts",
+                    "points": [{"name": "v", "path": "v", "quality_path": "q", "unit": "kWh"}],
+                }
+            ],
+        }
+    )
+
+
+async def agent(port: int, n: int, db: Path) -> float:
+    """Figure: the MQTT source commits n queued messages to a real outbox."""
+    src = MqttSource("bench", agent_config(port), SourceContext("gw", "s1"))
+    async with Outbox(db) as box:
+        t0 = time.perf_counter()
+        task = asyncio.create_task(src.run(box))
+        while src.counters["committed_messages"] < n:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.005)
+        elapsed = time.perf_counter() - t0
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    return n / elapsed
+
+
+def lost(db: Path, n: int) -> int:
+    ref = SourceRef("bench", "mqtt", "s1")
+    want = {
+        Record.reading(
+            ref,
+            EntityType.METER_READING,
+            f"A{i % ASSETS}/v",
+            datetime.fromtimestamp(TS0 + i, UTC),
+            {},
+        ).id
+        for i in range(n)
+    }
+    con = sqlite3.connect(db)
+    try:
+        have = {r[0] for r in con.execute("SELECT id FROM records")}
+    finally:
+        con.close()
+    return len(want - have)
+
+
+async def main_async(n: int, work: Path) -> dict[str, object]:
+    broker = Mosquitto(work / "broker", max_inflight=1000)
+    broker.start()
+    try:
+        await create_session(broker.port, "bench-bare")
+        agent_src = MqttSource("bench", agent_config(broker.port), SourceContext("gw", "s1"))
+        async with Outbox(work / "warm.db") as box:  # creates the agent's session
+            task = asyncio.create_task(agent_src.run(box))
+            while agent_src.state != "connected":  # noqa: ASYNC110 - polling a plain attribute
+                await asyncio.sleep(0.01)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.to_thread(preload, broker.port, n)
+        ceiling = await bare(broker.port, n)
+        db = work / "outbox.db"
+        value = await agent(broker.port, n, db)
+        missing = lost(db, n)
+    finally:
+        broker.stop()
+    return {
+        "benchmark": "mqtt_ingest",
+        "value": round(value, 1),
+        "unit": "messages/s",
+        "ceiling": round(ceiling, 1),
+        "ratio": round(value / ceiling, 3),
+        "messages": n,
+        "lost": missing,
+        "target_ratio": 0.7,
+        "ceiling_is": "bare aiomqtt subscriber counting QoS 1 messages "
+        "(ack on receipt, same queue drain)",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small run (< 30 s)")
+    parser.add_argument("--messages", type=int, default=None)
+    args = parser.parse_args()
+    n = args.messages or (5_000 if args.quick else 50_000)
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
+    with tempfile.TemporaryDirectory() as tmp:
+        result = asyncio.run(main_async(n, Path(tmp)))
+    print(json.dumps(result))
+    if result["lost"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Shared test helpers (private brokers, agent subprocesses); reusable by every suite."""
