@@ -31,9 +31,12 @@ def demo_processes(marker: str) -> list[str]:
 
 def diagnostics(result: subprocess.CompletedProcess[str], directory: Path) -> str:
     """What to look at when the demo reports a loss: its output and the agent's log."""
-    log = directory / "agent.log"
-    agent_log = log.read_text(errors="replace")[-6000:] if log.exists() else "(no agent.log)"
-    return f"{result.stderr[-3000:]}\n{result.stdout[-2000:]}\n---- {log} (tail) ----\n{agent_log}"
+    out = f"{result.stderr[-3000:]}\n{result.stdout[-2000:]}"
+    for name in ("agent.log", "mosquitto.log"):
+        log = directory / name
+        tail = log.read_text(errors="replace")[-6000:] if log.exists() else f"(no {name})"
+        out += f"\n---- {log} (tail) ----\n{tail}"
+    return out
 
 
 @pytest.mark.slow
@@ -50,6 +53,7 @@ def test_demo_with_an_outage_delivers_every_record_and_leaves_nothing_behind() -
             "6s",
             "--json",
             "--no-show-config",
+            "--keep",  # its logs explain a failure; removed below either way
         ],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},

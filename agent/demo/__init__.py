@@ -219,6 +219,10 @@ class Demo:
             loop.add_signal_handler(sig, self.stop.set)
         try:
             return await self._run()
+        except RuntimeError as exc:  # a child did not start: say which, keep its logs
+            self.say(f"error: {exc}")
+            self.args.keep = True
+            return 1
         finally:
             await self.procs.stop_all()
             await self.http.aclose()
@@ -247,6 +251,11 @@ class Demo:
         feed = MqttFeed(self.ports["mqtt"], "iot-mqtt", self.rng)
         await self._start_receiver()
         await self.procs.start_agent(self.dir / "config.toml", self.ports["api"])
+        # MQTT routes a message only to subscriptions that exist when it is published: a
+        # brand-new agent never sees what was published before its first SUBSCRIBE (its
+        # persistent session covers every later outage). The feed waits for that moment,
+        # or its first messages would count as "lost" while no agent could have had them.
+        await self._wait_for_mqtt_subscription()
         self.say(f"agent status:    http://127.0.0.1:{self.ports['api']}/v1/status")
         self.say(
             f"upstream stats:  http://127.0.0.1:{self.ports['receiver']}/v1/stats  (token {TOKEN})"
@@ -271,6 +280,20 @@ class Demo:
         if interrupted:
             return self._report_interrupted(summary)
         return self._report(summary)
+
+    async def _wait_for_mqtt_subscription(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = await self._agent_status()
+            if status and status["sources"].get("iot-mqtt", {}).get("state") == "connected":
+                return
+            if self.procs.died():
+                break
+            await asyncio.sleep(0.05)
+        raise RuntimeError(
+            f"the agent's MQTT source did not subscribe within {timeout:.0f}s; "
+            f"see {self.dir}/agent.log"
+        )
 
     async def _start_receiver(self) -> None:
         await self.procs.start_receiver(self.ports["receiver"], self.dir / "receiver.db", TOKEN)
