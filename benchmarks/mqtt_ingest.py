@@ -5,9 +5,13 @@ their persistent sessions on a private mosquitto (so the publisher's speed does 
 matter). Figure: the agent's MQTT source (map, commit to a real outbox with
 synchronous=FULL, acknowledge after commit). Ceiling: a bare aiomqtt subscriber (same
 client library, acknowledges on receipt) that only counts. Zero loss is checked: every
-message's record id must be in the outbox.
+message's record id must be in the outbox, in every round.
 
-    python benchmarks/mqtt_ingest.py [--quick] [--messages N]
+Rounds (``--rounds``, default 3) alternate ceiling and agent on fresh messages and the
+fastest of each counts: a single run of a second or less is at the mercy of whatever
+else the machine does, and that should not decide the ratio.
+
+    python benchmarks/mqtt_ingest.py [--quick] [--messages N] [--rounds R]
 
 Last line: JSON with benchmark, value, unit, ceiling, ratio (target ratio >= 0.7).
 """
@@ -45,13 +49,13 @@ def topic(i: int) -> str:
     return f"bench/A{i % ASSETS}"
 
 
-def payload(i: int) -> bytes:
+def payload(i: int) -> bytes:  # i: global message number, unique across rounds
     return json.dumps({"ts": TS0 + i, "v": i * 0.5, "q": "good"}).encode()
 
 
-def preload(port: int, n: int) -> None:
+def preload(port: int, first: int, n: int) -> None:
     with Publisher(port) as pub:
-        pub.publish_many((topic(i), payload(i)) for i in range(n))
+        pub.publish_many((topic(i), payload(i)) for i in range(first, first + n))
 
 
 async def create_session(port: int, client_id: str) -> None:
@@ -140,7 +144,7 @@ async def agent(port: int, n: int, db: Path) -> float:
     return n / elapsed
 
 
-def lost(db: Path, n: int) -> int:
+def lost(db: Path, first: int, n: int) -> int:
     ref = SourceRef("bench", "mqtt", "s1")
     want = {
         Record.reading(
@@ -150,7 +154,7 @@ def lost(db: Path, n: int) -> int:
             datetime.fromtimestamp(TS0 + i, UTC),
             {},
         ).id
-        for i in range(n)
+        for i in range(first, first + n)
     }
     con = sqlite3.connect(db)
     try:
@@ -160,9 +164,12 @@ def lost(db: Path, n: int) -> int:
     return len(want - have)
 
 
-async def main_async(n: int, work: Path) -> dict[str, object]:
+async def main_async(n: int, rounds: int, work: Path) -> dict[str, object]:
     broker = Mosquitto(work / "broker", max_inflight=1000)
     broker.start()
+    ceilings: list[float] = []
+    values: list[float] = []
+    missing = 0
     try:
         await create_session(broker.port, "bench-bare")
         agent_src = MqttSource("bench", agent_config(broker.port), SourceContext("gw", "s1"))
@@ -172,13 +179,16 @@ async def main_async(n: int, work: Path) -> dict[str, object]:
                 await asyncio.sleep(0.01)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        await asyncio.to_thread(preload, broker.port, n)
-        ceiling = await bare(broker.port, n)
-        db = work / "outbox.db"
-        value = await agent(broker.port, n, db)
-        missing = lost(db, n)
+        for r in range(rounds):
+            # Both sessions get the same n fresh messages; each round its own outbox.
+            await asyncio.to_thread(preload, broker.port, r * n, n)
+            ceilings.append(await bare(broker.port, n))
+            db = work / f"outbox-{r}.db"
+            values.append(await agent(broker.port, n, db))
+            missing += lost(db, r * n, n)
     finally:
         broker.stop()
+    value, ceiling = max(values), max(ceilings)
     return {
         "benchmark": "mqtt_ingest",
         "value": round(value, 1),
@@ -186,6 +196,9 @@ async def main_async(n: int, work: Path) -> dict[str, object]:
         "ceiling": round(ceiling, 1),
         "ratio": round(value / ceiling, 3),
         "messages": n,
+        "rounds": rounds,
+        "values": [round(v) for v in values],
+        "ceilings": [round(c) for c in ceilings],
         "lost": missing,
         "target_ratio": 0.7,
         "ceiling_is": "bare aiomqtt subscriber counting QoS 1 messages "
@@ -196,12 +209,13 @@ async def main_async(n: int, work: Path) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small run (< 30 s)")
-    parser.add_argument("--messages", type=int, default=None)
+    parser.add_argument("--messages", type=int, default=None, help="per round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternated; best of each counts")
     args = parser.parse_args()
-    n = args.messages or (5_000 if args.quick else 50_000)
+    n = args.messages or (10_000 if args.quick else 50_000)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
     with tempfile.TemporaryDirectory() as tmp:
-        result = asyncio.run(main_async(n, Path(tmp)))
+        result = asyncio.run(main_async(n, args.rounds, Path(tmp)))
     print(json.dumps(result))
     if result["lost"]:
         sys.exit(1)
