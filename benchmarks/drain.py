@@ -19,7 +19,6 @@ import contextlib
 import gzip
 import json
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -35,18 +34,13 @@ sys.path.insert(0, str(ROOT))
 from agent.outbox import Outbox
 from agent.records import EntityType, Record, SourceRef
 from agent.sinks.http import GZIP_LEVEL, encode_batch
+from tests.helpers.waiting import free_port
 
 TOKEN = "bench-token"
 BATCH = 1000
 MAX_BYTES = 4 << 20
 GZIP_MIN = 8 << 10
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_receiver(db: Path) -> tuple[subprocess.Popen[bytes], str]:

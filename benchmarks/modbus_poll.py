@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -42,6 +41,7 @@ from agent.sources.modbus import ModbusConfig, ModbusSource
 from agent.sources.modbus.codec import encode
 from agent.sources.modbus.planner import minimum_requests
 from agent.sources.modbus.poller import percentile
+from tests.helpers.waiting import free_port
 
 UNITS_PER_GATEWAY = 10
 
@@ -65,12 +65,6 @@ class CountingOutput:
 
     async def cursor(self, source: str, key: str) -> Any | None:
         return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def device_map(unit: int) -> tuple[SimDevice, list[dict[str, Any]]]:

@@ -14,14 +14,14 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.agent_harness import free_port
+from tests.helpers import waiting
+from tests.helpers.waiting import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,18 +182,12 @@ async def wait_for(
     what: str = "condition",
     agent: AgentProcess | None = None,
 ) -> None:
-    """Poll ``condition`` until true; at the deadline fail naming it (with the agent's log)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            tail = "\n".join(agent.log().splitlines()[-30:]) if agent else ""
-            raise AssertionError(f"{what}: not met within {timeout}s\n{tail}")
-        await asyncio.sleep(0.05)
+    """:func:`tests.helpers.waiting.wait_for`, failing with the tail of the agent's log."""
+
+    def tail() -> str:
+        return "\n".join(agent.log().splitlines()[-30:]) if agent else ""
+
+    await waiting.wait_for(condition, timeout, what, detail=tail)
 
 
 class ModbusServerThread:

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import struct
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from pymodbus import FramerType
@@ -21,12 +19,6 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 
 from agent.outbox import AppendResult, Cursor, Quarantined
 from agent.records import Record
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def sim_device(
@@ -150,20 +142,6 @@ class MemoryOutput:
         return {
             r.remote_id: r.data["value"] for r in self.records if r.entity_type == "meter_reading"
         }
-
-
-async def wait_for(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 20.0) -> None:
-    """Poll ``condition`` until true; fail with a clear message at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(0.02)
 
 
 @contextlib.asynccontextmanager

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import orjson
 from agent.outbox import Outbox
 from agent.sources.base import SourceContext
 from agent.sources.mqtt import MqttConfig, MqttSource
+from tests.helpers.waiting import wait_for as until
 
 
 def mqtt_config(port: int, **over: Any) -> MqttConfig:
@@ -40,20 +40,6 @@ def mqtt_config(port: int, **over: Any) -> MqttConfig:
     }
     data.update(over)
     return MqttConfig.model_validate(data)
-
-
-async def until(condition: Callable[[], Any], timeout: float = 20.0, what: str = "it") -> Any:
-    """Poll ``condition`` (sync or returning an awaitable) until truthy, with a deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @contextlib.asynccontextmanager

@@ -15,7 +15,7 @@ from agent import ctl
 from agent.__main__ import main
 from agent.app import SourceSlot
 from agent.sources.base import SourceConfig
-from tests.agent_harness import free_port, running_agent, settings_for
+from tests.agent_harness import running_agent, settings_for
 from tests.agent_process import (
     AgentProcess,
     ModbusServerThread,
@@ -26,6 +26,7 @@ from tests.agent_process import (
     wait_for,
     write_config,
 )
+from tests.helpers.waiting import free_port
 
 API_TOKEN = "ctl-api-token-5f1e"
 

@@ -19,7 +19,8 @@ from agent import config as cfg
 from tests.agent_harness import running_agent
 from tests.helpers.mosquitto import Mosquitto
 from tests.helpers.mqttpub import Publisher
-from tests.upstream_support import TOKEN, receiver_fixture, wait_for  # noqa: F401
+from tests.helpers.waiting import wait_for
+from tests.upstream_support import TOKEN, receiver_fixture  # noqa: F401
 
 TOPIC = "site/berlin/lift/L7/state"
 

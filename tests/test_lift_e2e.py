@@ -26,8 +26,10 @@ from agent.sources.modbus import ModbusConfig, ModbusSource
 from agent.sources.mqtt import MqttConfig, MqttSource
 from tests.helpers.mosquitto import Mosquitto
 from tests.helpers.mqttpub import Publisher
-from tests.modbus_sim import free_port, sim_device, start_server
-from tests.mqtt_support import records, until
+from tests.helpers.waiting import free_port
+from tests.helpers.waiting import wait_for as until
+from tests.modbus_sim import sim_device, start_server
+from tests.mqtt_support import records
 
 CTX = SourceContext(agent_id="gw-1", site="site-default")
 INPUT_REGISTERS = 4  # Modbus function code of the table the lift profile uses

@@ -16,7 +16,6 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.agent_harness import free_port
 from tests.agent_process import (
     ROOT,
     AgentProcess,
@@ -27,6 +26,7 @@ from tests.agent_process import (
     wait_for,
     write_config,
 )
+from tests.helpers.waiting import free_port
 
 UPSTREAM_TOKEN = "up-7c1d9e0b-secret"  # from a secret file
 API_TOKEN = "api-44aa81f3-secret"  # inline

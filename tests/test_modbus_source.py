@@ -13,15 +13,8 @@ from agent.outbox import Outbox
 from agent.sources.base import SourceContext
 from agent.sources.modbus import ModbusConfig, ModbusSource
 from agent.sources.modbus.codec import encode
-from tests.modbus_sim import (
-    MemoryOutput,
-    MuteProxy,
-    free_port,
-    running,
-    sim_device,
-    start_server,
-    wait_for,
-)
+from tests.helpers.waiting import free_port, wait_for
+from tests.modbus_sim import MemoryOutput, MuteProxy, running, sim_device, start_server
 
 CTX = SourceContext(agent_id="test-agent", site="plant-1")
 

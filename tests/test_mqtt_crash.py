@@ -19,9 +19,10 @@ import pytest
 
 from agent.records import EntityType, Record, SourceRef
 from agent.sources.mqtt.source import TEST_HOLD_ACKS_ENV
-from tests.helpers.agentproc import AgentProcess, outbox_rows, wait_for
+from tests.helpers.agentproc import AgentProcess, outbox_rows
 from tests.helpers.mosquitto import Mosquitto
 from tests.helpers.mqttpub import Publisher
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -98,19 +99,19 @@ def test_kill_while_commit_blocked_then_redelivered(
     agent = AgentProcess(conf, tmp_path / "agent.log")
     agent.start()
     try:
-        wait_for(lambda: "mqtt_subscribed" in agent.log_text(), what="subscribed")
+        wait_until(lambda: "mqtt_subscribed" in agent.log_text(), what="subscribed")
         with Publisher(mosquitto.port, protocol) as pub:
             pub.publish("t/A", message("A", 1000))
-            wait_for(lambda: expected_id("A", 1000) in ids(db), what="A committed")
+            wait_until(lambda: expected_id("A", 1000) in ids(db), what="A committed")
             pub.publish("t/B", message("B", 2000))
-            wait_for(lambda: "outbox_full_backpressure" in agent.log_text(), what="B blocked")
+            wait_until(lambda: "outbox_full_backpressure" in agent.log_text(), what="B blocked")
         agent.assert_alive()
         agent.kill()
         assert expected_id("B", 2000) not in ids(db)
 
         write_config(tmp_path, mosquitto.port, protocol, max_bytes=1 << 20)
         agent.start()
-        wait_for(lambda: expected_id("B", 2000) in ids(db), what="B redelivered")
+        wait_until(lambda: expected_id("B", 2000) in ids(db), what="B redelivered")
     finally:
         agent.kill()
     got = ids(db)
@@ -128,14 +129,14 @@ def test_kill_after_commit_before_ack_redelivers_same_id(
     agent = AgentProcess(conf, tmp_path / "agent.log", env={TEST_HOLD_ACKS_ENV: "1"})
     agent.start()
     try:
-        wait_for(lambda: "mqtt_subscribed" in agent.log_text(), what="subscribed")
+        wait_until(lambda: "mqtt_subscribed" in agent.log_text(), what="subscribed")
         with Publisher(mosquitto.port, protocol) as pub:
             pub.publish("t/C", message("C", 3000))
-        wait_for(lambda: ids(db)[expected_id("C", 3000)] == 1, what="C committed")
+        wait_until(lambda: ids(db)[expected_id("C", 3000)] == 1, what="C committed")
         agent.kill()
         agent.env = {}
         agent.start()
-        wait_for(lambda: ids(db)[expected_id("C", 3000)] == 2, what="C redelivered")
+        wait_until(lambda: ids(db)[expected_id("C", 3000)] == 2, what="C redelivered")
     finally:
         agent.kill()
     got = ids(db)
@@ -150,7 +151,7 @@ def test_kill_mid_stream_loses_nothing(mosquitto: Mosquitto, tmp_path: Path) -> 
     sent = [expected_id(f"P{i % 7}", 10_000 + i) for i in range(total)]
     agent.start()
     try:
-        wait_for(lambda: "mqtt_subscribed" in agent.log_text(), what="subscribed")
+        wait_until(lambda: "mqtt_subscribed" in agent.log_text(), what="subscribed")
 
         def publish() -> None:
             with Publisher(mosquitto.port) as pub:
@@ -160,11 +161,11 @@ def test_kill_mid_stream_loses_nothing(mosquitto: Mosquitto, tmp_path: Path) -> 
 
         thread = threading.Thread(target=publish)
         thread.start()
-        wait_for(lambda: len(ids(db)) >= 50, what="some committed")
+        wait_until(lambda: len(ids(db)) >= 50, what="some committed")
         agent.kill()
         thread.join()
         agent.start()
-        wait_for(lambda: set(sent) <= set(ids(db)), timeout=60, what="all committed")
+        wait_until(lambda: set(sent) <= set(ids(db)), timeout=60, what="all committed")
     finally:
         agent.kill()
     assert set(ids(db)) == set(sent)

@@ -13,7 +13,8 @@ from agent.sources.base import SourceContext
 from agent.sources.mqtt import MqttSource
 from tests.helpers.mosquitto import Mosquitto, Tls, have_mosquitto
 from tests.helpers.mqttpub import Publisher
-from tests.mqtt_support import mqtt_config, outbox, quarantine, records, running, until
+from tests.helpers.waiting import wait_for as until
+from tests.mqtt_support import mqtt_config, outbox, quarantine, records, running
 
 PROTOCOLS = ["3.1.1", "5"]
 

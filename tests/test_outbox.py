@@ -12,8 +12,8 @@ import pytest
 
 from agent.errors import OutboxWriteError
 from agent.outbox import Cursor, Outbox, Quarantined
+from tests.helpers.waiting import wait_for
 from tests.outbox_helpers import reading, work_order
-from tests.upstream_support import wait_for
 
 
 @pytest.fixture

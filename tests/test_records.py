@@ -167,7 +167,8 @@ def test_fast_constructor_builds_the_same_immutable_record_as_the_dataclass() ->
         rec.modified_precision,
     )
     assert rec == again  # every compared field set, none left to its default
-    assert again._json is None and rec.to_json() == again.to_json()
+    assert again._json is None
+    assert rec.to_json() == again.to_json()
     reading = Record.reading(SAP, EntityType.METER_READING, "P1", datetime(2026, 1, 1), {})
     assert reading.source_modified_at == reading.observed_at == "2026-01-01T00:00:00.000Z"
     with pytest.raises(AttributeError):

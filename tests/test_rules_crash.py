@@ -13,9 +13,10 @@ import orjson
 import pytest
 
 from agent.sources.mqtt.source import TEST_HOLD_ACKS_ENV
-from tests.helpers.agentproc import AgentProcess, outbox_rows, wait_for
+from tests.helpers.agentproc import AgentProcess, outbox_rows
 from tests.helpers.mosquitto import Mosquitto
 from tests.helpers.mqttpub import Publisher
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -82,14 +83,14 @@ def test_kill_after_rule_commit_redelivery_raises_nothing_new(
     agent = AgentProcess(conf, tmp_path / "agent.log", env={TEST_HOLD_ACKS_ENV: "1"})
     agent.start()
     try:
-        wait_for(lambda: "mqtt_subscribed" in agent.log_text(), what="subscribed")
+        wait_until(lambda: "mqtt_subscribed" in agent.log_text(), what="subscribed")
         with Publisher(mosquitto.port) as pub:
             pub.publish("site/b/lift/L1/state", json.dumps({"ts": 1790000000, "fault": 2}))
-        wait_for(lambda: len(kinds(db)) == 2, what="rule event and request committed")
+        wait_until(lambda: len(kinds(db)) == 2, what="rule event and request committed")
         agent.kill()  # committed, never acknowledged: the broker redelivers
         agent.env = {}
         agent.start()
-        wait_for(lambda: fault_rows(db) == 2, what="fault redelivered and stored again")
+        wait_until(lambda: fault_rows(db) == 2, what="fault redelivered and stored again")
         agent.assert_alive()
     finally:
         agent.kill()

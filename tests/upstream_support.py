@@ -6,9 +6,7 @@ this stays independent of any shared conftest.py.
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,24 +19,6 @@ from agent.records import EntityType, Record, SourceRef
 
 TOKEN = "s3cret-token"
 SOURCE = SourceRef("plant", "test", "site-1")
-
-
-async def wait_for(
-    condition: Callable[[], Any] | Callable[[], Awaitable[Any]],
-    timeout: float = 20.0,
-    what: str = "condition",
-) -> None:
-    """Poll ``condition`` until it is true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def make_records(n: int, entities: int = 10, start: int = 0) -> list[Record]:

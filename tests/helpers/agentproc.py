@@ -8,8 +8,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,20 +64,6 @@ class AgentProcess:
         """Fail with the log when the process has exited."""
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"agent exited with {self.proc.returncode}:\n{self.log_text()}")
-
-
-def wait_for(
-    condition: Callable[[], object], timeout: float = 30.0, what: str = "condition"
-) -> object:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def outbox_rows(db: Path, sql: str = "SELECT id, body FROM records ORDER BY seq") -> list[tuple]:

@@ -17,19 +17,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.helpers.waiting import free_port
+
 MOSQUITTO = os.environ.get("MOSQUITTO", "/usr/sbin/mosquitto")
 
 
 def have_mosquitto() -> bool:
     """Whether the broker binary is available."""
     return Path(MOSQUITTO).exists() or shutil.which(MOSQUITTO) is not None
-
-
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:

@@ -27,7 +27,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
@@ -38,8 +37,10 @@ import httpx
 
 from agent.records import EntityType, Record, SourceRef
 from tests.agent_process import toml_dumps
-from tests.helpers.mosquitto import free_port, wait_port
+from tests.helpers import waiting
+from tests.helpers.mosquitto import wait_port
 from tests.helpers.mqttpub import Publisher
+from tests.helpers.waiting import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "rel-ingest-token"
@@ -81,17 +82,8 @@ def wait_until(
     timeout: float = DEADLINE,
     detail: Callable[[], Any] | None = None,
 ) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail naming ``what``
-    (and what ``detail()`` says about the state at the deadline)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            more = f"\n{detail()}" if detail is not None else ""
-            raise AssertionError(f"{what}: not met within {timeout:.0f}s{more}")
-        time.sleep(0.05)
+    """:func:`tests.helpers.waiting.wait_until` with this suite's default deadline."""
+    return waiting.wait_until(condition, what, timeout, detail)
 
 
 # ---------------------------------------------------------------------- receiver

@@ -39,7 +39,8 @@ from agent.sources.mqtt.mapping import Mapper
 from agent.sources.sql import SqlSource, SqlSourceConfig
 from tests.helpers.mosquitto import Mosquitto
 from tests.helpers.mqttpub import Publisher
-from tests.modbus_sim import MemoryOutput, MuteProxy, free_port, running, sim_device, start_server
+from tests.helpers.waiting import free_port
+from tests.modbus_sim import MemoryOutput, MuteProxy, running, sim_device, start_server
 from tests.reliability.support import (
     T0,
     Agent,

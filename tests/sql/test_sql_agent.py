@@ -6,12 +6,12 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 import pytest
+
+from tests.helpers.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,14 +62,6 @@ def records(state: Path) -> list[dict[str, object]]:
     return [orjson.loads(b) for (b,) in rows]
 
 
-def wait_for(condition: Callable[[], bool], what: str, deadline: float = 60.0) -> None:
-    end = time.monotonic() + deadline
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 def test_agent_syncs_and_applies_a_mapping_change_on_reload(tmp_path: Path):
     db, state, conf = tmp_path / "cmms.db", tmp_path / "state", tmp_path / "config.toml"
@@ -89,14 +81,14 @@ def test_agent_syncs_and_applies_a_mapping_change_on_reload(tmp_path: Path):
         stderr=subprocess.PIPE,
     )
     try:
-        wait_for(lambda: len(records(state)) == 3, "the initial sync")
+        wait_until(lambda: len(records(state)) == 3, "the initial sync")
         assert records(state)[0]["data"] == {"title": "job 0"}
         conf.write_text(CONFIG.format(state=state, db=db, interval="200ms", title="name"))
         proc.send_signal(signal.SIGHUP)
         con.execute("UPDATE wo SET descr = 'job 1, edited', changed_at = '2026-11-21' "
                     "WHERE wonum = 'WO-1'")  # fmt: skip
         con.commit()
-        wait_for(lambda: len(records(state)) >= 4, "the change after the reload")
+        wait_until(lambda: len(records(state)) >= 4, "the change after the reload")
         last = records(state)[-1]
         assert last["remote_id"] == "WO-1"
         assert last["data"] == {"name": "job 1, edited"}, "mapping from the reloaded config"

@@ -22,8 +22,8 @@ from agent.sources.sql.engine import build_url, classify, is_auth_error, masked
 from agent.sources.sql.keyset import pack, unpack
 from agent.sources.sql.model import Watermark, shift_back
 from agent.sources.sql.profiles.sap_tables import sap_date, sap_datetime, sap_time
+from tests.helpers.waiting import wait_for
 from tests.sql.conftest import MARIA_URL, make_source, outbox_records
-from tests.sql.test_sql_sync import wait_for
 
 URLS = [
     "postgresql+asyncpg://edge@db.example:5432/prd",
@@ -123,12 +123,14 @@ async def test_rejected_credentials_mean_reauthorization(tmp_path: Path, outbox:
     task = asyncio.create_task(source.run(outbox))
     try:
         with structlog.testing.capture_logs() as logs:
-            await wait_for(lambda: source.status()["state"] == "reauthorization_required", "reauth")
+            await wait_for(
+                lambda: source.status()["state"] == "reauthorization_required", what="reauth"
+            )
             await wait_for(
                 lambda: any(
                     r["entity_type"] == "connection_status" for r in outbox_records(outbox)
                 ),
-                "connection_status record",
+                what="connection_status record",
             )
         status = source.status()
         assert "old-password" not in str(status)

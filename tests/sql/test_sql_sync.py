@@ -18,6 +18,7 @@ from agent.outbox import AppendResult, Cursor, Outbox, Quarantined
 from agent.records import Record
 from agent.sources.sql import SqlSource
 from agent.sources.sql.sync import SyncState
+from tests.helpers.waiting import wait_for
 from tests.sql.conftest import Backend, latest, make_source, outbox_records, sql_config
 from tests.sql.sapdb import SapDb
 
@@ -58,15 +59,6 @@ class CrashingOutput:
         return await self.box.cursor(source, key)
 
 
-async def wait_for(condition: Callable[[], bool], what: str, deadline: float = 60.0) -> None:
-    """Poll a condition (no sleeps standing in for it)."""
-    end = time.monotonic() + deadline
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 @pytest.mark.parametrize("after_commit", [False, True])
 async def test_restart_mid_initial_sync_resumes_without_gaps(
     backend: Backend, sap: SapDb, outbox: Outbox, after_commit: bool
@@ -105,13 +97,15 @@ async def test_scheduled_and_requested_syncs_and_persisted_state(
     task = asyncio.create_task(source.run(outbox))
     try:
         status = source.sync_status
-        await wait_for(lambda: status()["work_orders"]["next_scheduled_at"] is not None, "a pass")
+        await wait_for(
+            lambda: status()["work_orders"]["next_scheduled_at"] is not None, what="a pass"
+        )
         assert status()["work_orders"]["status"] == "completed"
         assert source.status()["state"] == "running"
         await sap.order("000000000002", ktext="two", aedat=sap_today())
         assert source.request_sync(["work_orders"], full=True) == ["work_orders"]
-        await wait_for(lambda: "000000000002" in latest(outbox, "work_order"), "manual sync")
-        await wait_for(lambda: status()["work_orders"]["status"] == "completed", "full pass")
+        await wait_for(lambda: "000000000002" in latest(outbox, "work_order"), what="manual sync")
+        await wait_for(lambda: status()["work_orders"]["status"] == "completed", what="full pass")
         assert status()["work_orders"]["full"] is True
         with pytest.raises(KeyError):
             source.request_sync(["nope"])
@@ -231,9 +225,11 @@ async def test_randomized_mutations_converge(
             await mutator.step()
             await asyncio.sleep(0)  # let the sync interleave
             if step % 15 == 14:  # and make sure passes run in the middle of the changes
-                await wait_for(_passed_since(state, time.time()), "a pass")
+                await wait_for(_passed_since(state, time.time()), what="a pass")
         quiet = time.time()
-        await wait_for(lambda: _caught_up(source, quiet), "a sync and reconcile after quiescence")
+        await wait_for(
+            lambda: _caught_up(source, quiet), what="a sync and reconcile after quiescence"
+        )
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
