@@ -43,6 +43,34 @@ async def test_json_message_becomes_reading(mosquitto: Mosquitto, tmp_path, prot
     assert load["observed_at"] == "2026-09-21T14:13:20.000Z"
 
 
+async def test_a_mapper_bug_quarantines_its_message_and_the_session_goes_on(
+    mosquitto: Mosquitto, tmp_path
+) -> None:
+    """An unexpected exception while mapping (a bug, not bad input) costs one message,
+    quarantined with the error; the others are committed and acknowledged."""
+    async with outbox(tmp_path) as box, running(mqtt_config(mosquitto.port), box) as src:
+        mapped = src.mapper.map
+
+        def buggy(topic: str, payload: bytes, now: object) -> object:
+            if b"boom" in payload:
+                raise ZeroDivisionError("injected mapper bug")
+            return mapped(topic, payload, now)  # type: ignore[arg-type]
+
+        src.mapper.map = buggy  # type: ignore[method-assign]
+        topic = "site/berlin/lift/L1/telemetry"
+        with Publisher(mosquitto.port) as pub:
+            pub.publish(topic, json.dumps({"ts": 1, "load": {"kg": 1}}))
+            pub.publish(topic, json.dumps({"ts": 2, "load": {"kg": 2}, "boom": 1}))
+            pub.publish(topic, json.dumps({"ts": 3, "load": {"kg": 3}}))
+        await until(lambda: src.counters["acked"] >= 3, what="all acked")
+        got = await records(box)
+        q = await quarantine(box)
+    assert sorted(r["data"]["value"] for r in got) == [1.0, 3.0]
+    assert [e["reason"] for e in q] == ["mapping_failed"]
+    assert "ZeroDivisionError: injected mapper bug" in str(q[0]["context"])
+    assert src.counters["connects"] == 1
+
+
 async def test_bad_input_is_quarantined_and_good_messages_flow(
     mosquitto: Mosquitto, tmp_path
 ) -> None:
