@@ -166,6 +166,13 @@ def parse_time(value: Any, fmt: str) -> datetime:
     raise BadInput("bad_timestamp", f"cannot read a {fmt} timestamp from {str(value)[:40]!r}")
 
 
+def _utf8(payload: bytes) -> str:
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInput("invalid_utf8", f"payload is not UTF-8: {exc.reason}") from None
+
+
 def _text(doc: Any, path: str | None) -> str | None:
     """A scalar at ``path`` as stripped text; None when absent, null, empty or not scalar."""
     if path is None:
@@ -331,19 +338,16 @@ class Mapper:
         payload: bytes,
         received_at: datetime,
     ) -> Outcome:
-        try:
-            text = payload.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise BadInput("invalid_utf8", f"payload is not UTF-8: {exc.reason}") from None
         if sub.format == "value":
             point = sub.points[0] if sub.points else PointConfig(name=topic.rsplit("/", 1)[-1])
-            raw: Any = text.strip()
+            raw: Any = _utf8(payload).strip()
             at = received_at
             samples: list[tuple[PointConfig, Any, str | None]] = [(point, raw, None)]
         else:
             try:
-                doc = orjson.loads(text)
+                doc = orjson.loads(payload)  # checks UTF-8 itself: no decoded copy
             except orjson.JSONDecodeError as exc:
+                _utf8(payload)  # invalid UTF-8 is its own reason
                 raise BadInput("invalid_json", f"payload is not JSON: {exc}") from None
             at = self._timestamp(sub, doc, received_at)
             if sub.format == "tag_scan":
@@ -432,7 +436,9 @@ class Mapper:
             entity = _ENTITY_TYPES.get(name) or EntityType(name)
             point_id = self._point_id(sub, target, s.point.name)
             rbe: ReportByException | None = s.point.rbe or sub.rbe
-            if not self.rbe.check(point_id, s.value, s.at.timestamp(), rbe, s.quality):
+            if rbe is not None and not self.rbe.check(
+                point_id, s.value, s.at.timestamp(), rbe, s.quality
+            ):
                 out.suppressed += 1
                 continue
             data: dict[str, Any] = {"point": s.point.name, "asset_remote_id": asset}
