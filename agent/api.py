@@ -176,13 +176,26 @@ class AgentCollector(Collector):
 _OK_STATES = {"running", "connected", "ok", "idle", "completed", "disabled"}
 
 
+# A whole source that moves no data: not ready. "reconnecting" is an MQTT source whose
+# broker is unreachable right now (every message waits at the broker).
+NOT_READY_STATES = frozenset({"failed", "reauthorization_required", "disconnected", "reconnecting"})
+
+
+def _devices_down(source_status: dict[str, Any]) -> list[str]:
+    """Names of a Modbus source's devices that do not answer (offline or disconnected)."""
+    devices = source_status.get("devices") or {}
+    return sorted(n for n, d in devices.items() if d.get("state") in {"offline", "disconnected"})
+
+
 def readiness(status: dict[str, Any], max_oldest_age: float) -> list[str]:
     """Reasons the agent is not ready (empty when ready)."""
     reasons: list[str] = []
     for name, st in status.get("sources", {}).items():
         state = st.get("state")
-        if state in {"failed", "reauthorization_required", "disconnected"}:
+        if state in NOT_READY_STATES:
             reasons.append(f"source {name} is {state}: {st.get('last_error') or '-'}")
+        elif (down := _devices_down(st)) and len(down) == len(st["devices"]):
+            reasons.append(f"source {name}: no device answers ({', '.join(down)})")
     up = status.get("upstream", {})
     if up.get("state") in {"retrying", "reauthorization_required", "failing"}:
         reasons.append(f"upstream is {up['state']}: {up.get('last_error') or '-'}")
@@ -197,6 +210,24 @@ def readiness(status: dict[str, Any], max_oldest_age: float) -> list[str]:
     return reasons
 
 
+def readiness_warnings(status: dict[str, Any]) -> list[str]:
+    """Partial trouble that leaves the agent ready: a Modbus source with some devices
+    unreachable, an SQL source with an entity whose sync fails and is retried. ``/readyz``
+    stays 200 (one lift controller switched off for maintenance must not page anyone
+    about the whole gateway) and lists them; per-device state is in ``/v1/status`` and
+    ``/metrics``, and upstream gets a ``connection_status`` record for each."""
+    warnings: list[str] = []
+    for name, st in status.get("sources", {}).items():
+        if st.get("state") != "degraded":
+            continue
+        down = _devices_down(st)
+        if down and len(down) == len(st["devices"]):
+            continue  # no device answers: a reason, not a warning (see readiness)
+        detail = f"devices not answering: {', '.join(down)}" if down else st.get("last_error")
+        warnings.append(f"source {name} is degraded: {detail or '-'}")
+    return warnings
+
+
 def build_app(agent: Agent) -> Starlette:
     """The Starlette application for ``agent``."""
     registry = CollectorRegistry(auto_describe=False)
@@ -207,8 +238,10 @@ def build_app(agent: Agent) -> Starlette:
         return _Json({"status": "ok", "uptime_seconds": round(time.time() - agent.started_at, 1)})
 
     async def readyz(request: Request) -> Response:
-        reasons = readiness(await agent.status(), agent.settings.api.ready_max_oldest_age)
-        return _Json({"ready": not reasons, "reasons": reasons}, 200 if not reasons else 503)
+        status = await agent.status()
+        reasons = readiness(status, agent.settings.api.ready_max_oldest_age)
+        body = {"ready": not reasons, "reasons": reasons, "warnings": readiness_warnings(status)}
+        return _Json(body, 200 if not reasons else 503)
 
     async def status(request: Request) -> Response:
         return _Json(await agent.status())

@@ -160,6 +160,7 @@ def render_status(s: dict[str, Any]) -> str:
         f"{'ready' if ready.get('ready') else 'NOT READY'}"
     )
     lines.extend(f"          - {reason}" for reason in ready.get("reasons", []))
+    lines.extend(f"          ! {warning}" for warning in ready.get("warnings", []))
     rl = s.get("reload") or {}
     if rl.get("at") is not None:
         what = (

@@ -10,7 +10,7 @@ import httpx
 import jsonschema
 import pytest
 
-from agent.api import readiness
+from agent.api import readiness, readiness_warnings
 from agent.errors import ConfigError
 from agent.outbox import Quarantined
 from tests.agent_harness import running_agent, settings_for
@@ -130,3 +130,76 @@ def test_readiness_follows_the_latest_outbox_write() -> None:
         "outbox write failed: OperationalError: database or disk is full"
     ]
     assert readiness({"outbox": {**box, "write_failing": False}}, 60) == []
+
+
+def test_readiness_decision_table() -> None:
+    """What pages the operator (a reason) and what only shows (a warning)."""
+
+    def devices(*states: str) -> dict[str, Any]:
+        return {f"d{i}": {"state": s} for i, s in enumerate(states)}
+
+    def decide(source: dict[str, Any]) -> tuple[list[str], list[str]]:
+        status = {"sources": {"s": source}}
+        return readiness(status, 60), readiness_warnings(status)
+
+    # MQTT broker unreachable: nothing flows from that source
+    reasons, warnings = decide({"state": "reconnecting", "last_error": "connection refused"})
+    assert reasons == ["source s is reconnecting: connection refused"]
+    assert warnings == []
+    # one lift controller off: the gateway is still doing its job
+    reasons, warnings = decide({"state": "degraded", "devices": devices("online", "offline")})
+    assert reasons == []
+    assert warnings == ["source s is degraded: devices not answering: d1"]
+    # no device answers at all: that source moves no data
+    reasons, warnings = decide({"state": "degraded", "devices": devices("disconnected", "offline")})
+    assert reasons == ["source s: no device answers (d0, d1)"]
+    assert warnings == []
+    # an SQL entity whose sync fails and is retried
+    reasons, warnings = decide({"state": "degraded", "last_error": "timeout"})
+    assert reasons == []
+    assert warnings == ["source s is degraded: timeout"]
+    assert decide({"state": "connected"}) == ([], [])
+    assert decide({"state": "running", "devices": devices("online", "unknown")}) == ([], [])
+
+
+async def test_readyz_says_not_ready_while_the_mqtt_broker_is_unreachable(
+    tmp_path: Path,
+) -> None:
+    """A real agent with an MQTT source whose broker does not listen."""
+    from tests.helpers.waiting import free_port, wait_for  # noqa: PLC0415
+
+    dead = free_port()
+    settings = settings_for(
+        tmp_path,
+        api={"token": API_TOKEN},
+        sources={
+            "plant": {
+                "type": "mqtt",
+                "host": "127.0.0.1",
+                "port": dead,
+                "client_id": "ready-test",
+                "reconnect_initial": "100ms",
+                "subscriptions": [
+                    {
+                        "topic": "a/{asset}",
+                        "asset": "{asset}",
+                        "points": [{"name": "v", "path": "v"}],
+                    }
+                ],
+            }
+        },
+    )
+    async with running_agent(settings) as agent:
+        base = f"http://{settings.api.listen}"
+        async with httpx.AsyncClient(base_url=base) as http:
+            r = await wait_for(lambda: _readyz_if(http, 503), what="503 from /readyz", timeout=20)
+            check(r, "/readyz")
+            body = r.json()
+            assert body["ready"] is False
+            assert any(x.startswith("source plant is reconnecting") for x in body["reasons"])
+            assert agent.slots["plant"].status()["state"] == "reconnecting"
+
+
+async def _readyz_if(http: httpx.AsyncClient, code: int) -> httpx.Response | None:
+    r = await http.get("/readyz")
+    return r if r.status_code == code else None

@@ -12,7 +12,6 @@ from pathlib import Path
 from upstream_support import (  # fixtures are used by name
     make_records,
     receiver_fixture,  # noqa: F401
-    wait_for,
 )
 
 from agent import config as cfg
@@ -20,6 +19,7 @@ from agent.app import Agent
 from agent.forwarder import REAUTH
 from agent.outbox import Outbox
 from agent.receiver import Receiver
+from tests.helpers.waiting import wait_for
 
 
 def write_config(tmp_path: Path, url: str, token: str, drain: str = "30s") -> Path:

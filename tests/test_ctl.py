@@ -68,7 +68,7 @@ def test_status_table_and_json(agent_with_modbus: tuple[AgentProcess, Path]) -> 
 
     status = cli_json(conf)
     assert status["agent_id"] == "proc-agent"
-    assert set(status["readiness"]) == {"ready", "reasons"}
+    assert set(status["readiness"]) == {"ready", "reasons", "warnings"}
     assert records_of(status) > 0
     # The exit code follows readiness: a monitoring check can use it directly.
     expect = ctl.EXIT_OK if status["readiness"]["ready"] else ctl.EXIT_REFUSED

@@ -19,13 +19,13 @@ from upstream_support import (  # fixtures are used by name
     make_settings,
     outbox_fixture,  # noqa: F401
     receiver_fixture,  # noqa: F401
-    wait_for,
 )
 
 from agent.forwarder import REAUTH, RETRYING, Forwarder
 from agent.outbox import Outbox
 from agent.receiver import Receiver, running_receiver
 from agent.records import Record
+from tests.helpers.waiting import wait_for
 
 
 class Harness:

@@ -24,12 +24,12 @@ from upstream_support import (  # fixtures are used by name
     make_records,
     make_settings,
     outbox_fixture,  # noqa: F401
-    wait_for,
 )
 
 from agent.forwarder import RETRYING, Forwarder
 from agent.outbox import Outbox
 from agent.receiver import Store
+from tests.helpers.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 TOTAL = 100_000
