@@ -80,7 +80,14 @@ class MuteProxy:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except (OSError, asyncio.CancelledError):
+            # stopped, or the device is down: close the client's side too, or its
+            # transport is left for the garbage collector (a ResourceWarning later)
+            writer.close()
+            self._tasks.discard(task)
+            return
         pump = asyncio.create_task(self._pump(up_reader, writer))
         try:
             while True:

@@ -153,6 +153,7 @@ class ExceptionServer:
         self.port = free_port()
         self.answered: Counter[int] = Counter()
         self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
 
     async def __aenter__(self) -> ExceptionServer:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
@@ -161,10 +162,25 @@ class ExceptionServer:
     async def __aexit__(self, *exc: object) -> None:
         assert self._server is not None
         self._server.close()
+        # Python 3.11's Server.close() leaves connection handlers running: stop them, so
+        # no transport outlives the test (the GC would report it in a later one).
+        for task in self._handlers:
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._server.wait_closed(), 5)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            await self._answer(reader, writer)
+        finally:
+            writer.close()
+            self._handlers.discard(task)
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             while True:
                 tid, proto, length, unit = struct.unpack(">HHHB", await reader.readexactly(7))
@@ -176,7 +192,6 @@ class ExceptionServer:
                     frame = struct.pack(">HHHBBB", tid, proto, 3, unit, function | 0x80, unit)
                 writer.write(frame)
                 await writer.drain()
-        writer.close()
 
 
 def modbus_config(good_port: int, proxy_port: int, bad_port: int) -> ModbusConfig:
