@@ -6,7 +6,9 @@ with a reason), duplicates recognised, per-entity order kept (seq by arrival).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from agent.forwarder import REAUTH, RETRYING, Forwarder
 from agent.outbox import Outbox
 from agent.receiver import Receiver, running_receiver
 from agent.records import Record
-from tests.helpers.waiting import wait_for
+from tests.helpers.waiting import free_port, wait_for, wait_port
 
 
 class Harness:
@@ -303,6 +305,55 @@ async def test_tls_refused_without_the_ca(
     status = await _tls_run(tmp_path, outbox, tls)
     assert status["state"] == RETRYING
     assert "CERTIFICATE_VERIFY_FAILED" in status["last_error"]
+    assert status["stored"] == 0
+    assert sum((await outbox.stats()).rows.values()) == 10
+
+
+@pytest.fixture
+def tinyproxy(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A real HTTP proxy (Debian's tinyproxy) on 127.0.0.1: its URL and its log."""
+    binary = shutil.which("tinyproxy")
+    if binary is None:
+        pytest.skip("tinyproxy not installed (apt-get install tinyproxy-bin); CI installs it")
+    port, log = free_port(), tmp_path / "tinyproxy.log"
+    conf = tmp_path / "tinyproxy.conf"
+    conf.write_text(
+        f'Port {port}\nListen 127.0.0.1\nAllow 127.0.0.1\nLogFile "{log}"\n'
+        "LogLevel Connect\nMaxClients 20\n"
+    )
+    proc = subprocess.Popen(
+        [binary, "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_port(port)
+        yield f"http://127.0.0.1:{port}", log
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_https_upstream_through_a_proxy(
+    tmp_path: Path, outbox: Outbox, tls: tuple[Path, Path], tinyproxy: tuple[str, Path]
+) -> None:
+    """upstream.proxy: every request goes through the proxy (CONNECT tunnel), TLS is
+    still verified end to end against the upstream's certificate."""
+    proxy, log = tinyproxy
+    status = await _tls_run(tmp_path, outbox, tls, ca_file=str(tls[1]), proxy=proxy)
+    assert status["records"]["accepted"] == 10
+    assert status["stored"] == 10
+    assert "CONNECT 127.0.0.1:" in log.read_text()
+
+
+async def test_a_dead_proxy_keeps_records_and_says_so(
+    tmp_path: Path, outbox: Outbox, tls: tuple[Path, Path]
+) -> None:
+    port = free_port()
+    proxy = f"http://plant:pr0xy-secret@127.0.0.1:{port}"
+    status = await _tls_run(tmp_path, outbox, tls, ca_file=str(tls[1]), proxy=proxy)
+    assert status["state"] == RETRYING
+    # the operator is told it is the proxy, and never its password
+    assert f"(via proxy http://127.0.0.1:{port})" in status["last_error"]
+    assert "pr0xy-secret" not in str(status)
     assert status["stored"] == 0
     assert sum((await outbox.stats()).rows.values()) == 10
 

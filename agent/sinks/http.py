@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
@@ -317,7 +318,16 @@ def _transport_label(exc: httpx.HTTPError) -> str:
         return "timeout"
     if isinstance(exc, httpx.ConnectError):
         return "connect_error"
+    if isinstance(exc, httpx.ProxyError):
+        return "proxy_error"
     return "transport_error"
+
+
+def proxy_label(proxy: str) -> str:
+    """The proxy as ``scheme://host:port``, for messages: never its credentials."""
+    parts = urlsplit(proxy)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname}{port}"
 
 
 class HttpSink:
@@ -410,6 +420,8 @@ class HttpSink:
             self._count(_transport_label(exc))
             classify(None, exc)  # re-raises anything that is not a transport failure
             detail = str(exc) or type(exc).__name__
+            if self.config.proxy:  # or the operator suspects the upstream, not the proxy
+                detail += f" (via proxy {proxy_label(self.config.proxy)})"
             raise TransientError(f"{_transport_label(exc)}: {detail}", request_id=rid) from exc
         self._count(str(response.status_code))
         self.wire_bytes += len(payload.content)

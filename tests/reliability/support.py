@@ -38,9 +38,8 @@ import httpx
 from agent.records import EntityType, Record, SourceRef
 from tests.agent_process import toml_dumps
 from tests.helpers import waiting
-from tests.helpers.mosquitto import wait_port
 from tests.helpers.mqttpub import Publisher
-from tests.helpers.waiting import free_port
+from tests.helpers.waiting import free_port, wait_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "rel-ingest-token"
