@@ -71,6 +71,35 @@ async def test_a_mapper_bug_quarantines_its_message_and_the_session_goes_on(
     assert src.counters["connects"] == 1
 
 
+def test_the_message_callback_never_raises_into_paho(tmp_path) -> None:
+    """paho re-handles a packet whose on_message raised, forever: the callback must
+    quarantine anything it cannot map (here a topic that is not UTF-8, which mosquitto
+    itself refuses, so no real broker can send it) and ack it with its batch; and a late
+    message of a finished session is left to the broker's redelivery."""
+    import paho.mqtt.client as paho  # noqa: PLC0415
+
+    from agent.sources.mqtt.source import _Pipe  # noqa: PLC0415
+
+    src = MqttSource("plant", mqtt_config(1883), SourceContext(agent_id="gw", site="s"))
+    pipe = _Pipe()
+    bad = paho.MQTTMessage(mid=7, topic=b"site/\xff/lift/L1/telemetry")
+    bad.payload, bad.qos = b'{"ts": 1, "load": {"kg": 1}}', 1
+    good = paho.MQTTMessage(mid=8, topic=b"site/berlin/lift/L1/telemetry")
+    good.payload, good.qos = b'{"ts": 2, "load": {"kg": 2}}', 1
+    src._on_message(pipe, None, None, bad)
+    src._on_message(pipe, None, None, good)
+    (batch,) = pipe.batches
+    assert batch.acks == [(7, 1), (8, 1)]
+    assert [q.reason for q in batch.bad] == ["invalid_topic"]
+    assert [r.data["value"] for r in batch.records] == [2.0]
+    pipe.closed = True
+    late = paho.MQTTMessage(mid=9, topic=b"site/berlin/lift/L1/telemetry")
+    late.payload, late.qos = b'{"ts": 3, "load": {"kg": 3}}', 1
+    src._on_message(pipe, None, None, late)
+    assert batch.acks == [(7, 1), (8, 1)]
+    assert src.counters["received"] == 2
+
+
 async def test_bad_input_is_quarantined_and_good_messages_flow(
     mosquitto: Mosquitto, tmp_path
 ) -> None:

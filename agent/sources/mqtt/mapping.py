@@ -314,6 +314,11 @@ class Mapper:
         self._routes[topic] = found
         return found
 
+    def bad_topic(self, topic: bytes, payload: bytes) -> Quarantined:
+        """A message whose topic is not UTF-8 (MQTT requires it; a broker may not check)."""
+        shown = topic.decode("utf-8", "replace")
+        return self._bad(shown, payload, [("invalid_topic", "topic is not UTF-8")])
+
     def _bad(self, topic: str, payload: bytes, problems: list[tuple[str, str]]) -> Quarantined:
         for reason, _ in problems:
             self.counters[reason] += 1

@@ -18,6 +18,7 @@ for this; aiomqtt still connects, subscribes, reconnects and reports disconnecti
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import ssl
@@ -41,7 +42,7 @@ from agent.outbox import Cursor, Quarantined
 from agent.records import Record
 from agent.sources.base import Output, Source, SourceConfig, SourceContext
 from agent.sources.mqtt.config import MqttConfig
-from agent.sources.mqtt.mapping import ALIAS_CURSOR_KEY, Mapper, _preview
+from agent.sources.mqtt.mapping import ALIAS_CURSOR_KEY, Mapper, Outcome, _preview
 
 log = structlog.get_logger("agent.sources.mqtt")
 
@@ -119,6 +120,7 @@ class _Pipe:
     batches: deque[_Batch] = field(default_factory=deque)
     ready: asyncio.Event = field(default_factory=asyncio.Event)  # a batch is waiting
     committing: bool = False
+    closed: bool = False  # its session ended: a late message is left to redelivery
 
     def open_batch(self, limit: int) -> _Batch:
         """The batch new messages go to (a new one when the newest is full)."""
@@ -148,7 +150,6 @@ class MqttSource(Source):
         self.clash_suspected = False
         self._short_streak = 0
         self._hold_acks = os.environ.get(TEST_HOLD_ACKS_ENV) == "1"
-        self._pipe = _Pipe()
 
     # ------------------------------------------------------------------ status
 
@@ -252,34 +253,46 @@ class MqttSource(Source):
     # ------------------------------------------------------------------ session
 
     async def _session(self, out: Output) -> None:
-        client = await self._client()
-        async with client:
-            self.connected = True
-            self.connected_since = time.time()
-            self.counters["connects"] += 1
-            log.info(
-                "mqtt_connected",
-                source=self.name,
-                broker=f"{self.cfg.host}:{self.cfg.port}",
-                protocol=self.cfg.protocol,
-                client_id=self.cfg.client_id,
-                session_present=self.session_present,
-            )
-            if self.counters["connects"] > 1 and self.session_present is False:
-                log.warning(
-                    "mqtt_session_not_present",
-                    source=self.name,
-                    detail="the broker had no session for this client id: messages "
-                    "published while disconnected may be missing (session expired, "
-                    "broker restarted without persistence, or a client id clash)",
-                )
-            await self._subscribe(client)
-            self.state = "connected"
-            if self._short_streak < self.cfg.clash_threshold:
-                self.clash_suspected = False
-            await self._consume(client, out)
+        client, pipe = await self._client()
+        try:
+            async with client:
+                await self._connected(client, pipe, out)
+        finally:
+            pipe.closed = True
+            if pipe.batches or pipe.committing:
+                # Mapped, never acknowledged: the broker redelivers them. What RBE learnt
+                # from them must not suppress the redelivery. (Checked once the client is
+                # gone: a persistent session delivers right after CONNACK, before
+                # SUBSCRIBE has even returned.)
+                self.mapper.reset_rbe()
 
-    async def _client(self) -> aiomqtt.Client:
+    async def _connected(self, client: aiomqtt.Client, pipe: _Pipe, out: Output) -> None:
+        self.connected = True
+        self.connected_since = time.time()
+        self.counters["connects"] += 1
+        log.info(
+            "mqtt_connected",
+            source=self.name,
+            broker=f"{self.cfg.host}:{self.cfg.port}",
+            protocol=self.cfg.protocol,
+            client_id=self.cfg.client_id,
+            session_present=self.session_present,
+        )
+        if self.counters["connects"] > 1 and self.session_present is False:
+            log.warning(
+                "mqtt_session_not_present",
+                source=self.name,
+                detail="the broker had no session for this client id: messages "
+                "published while disconnected may be missing (session expired, "
+                "broker restarted without persistence, or a client id clash)",
+            )
+        await self._subscribe(client)
+        self.state = "connected"
+        if self._short_streak < self.cfg.clash_threshold:
+            self.clash_suspected = False
+        await self._consume(client, pipe, out)
+
+    async def _client(self) -> tuple[aiomqtt.Client, _Pipe]:
         c = self.cfg
         v5 = c.protocol == "5"
         props = None
@@ -312,9 +325,10 @@ class MqttSource(Source):
         # Before connecting: a persistent session delivers queued messages right after
         # CONNACK, and each must wait for its commit before its PUBACK.
         inner.manual_ack_set(True)
-        # Messages are mapped as paho reads them (see _consume); a fresh pipe per session.
-        self._pipe = _Pipe()
-        inner.on_message = self._on_message
+        # Messages are mapped as paho reads them (see _consume), into this client's own
+        # pipe: a late callback of an old connection can never reach a newer committer.
+        pipe = _Pipe()
+        inner.on_message = functools.partial(self._on_message, pipe)
         on_connect: Any = inner.on_connect
 
         def capture(cl: Any, ud: Any, flags: Any, rc: Any, props: Any = None) -> None:
@@ -322,7 +336,7 @@ class MqttSource(Source):
             on_connect(cl, ud, flags, rc, props)
 
         inner.on_connect = capture
-        return client
+        return client, pipe
 
     def _tls_context(self) -> ssl.SSLContext:
         tls = self.cfg.tls
@@ -355,7 +369,7 @@ class MqttSource(Source):
 
     # ------------------------------------------------------------------ consume
 
-    async def _consume(self, client: aiomqtt.Client, out: Output) -> None:
+    async def _consume(self, client: aiomqtt.Client, pipe: _Pipe, out: Output) -> None:
         """Commit, then acknowledge, the batches :meth:`_on_message` maps; until disconnected.
 
         Messages are mapped in paho's ``on_message`` callback, on the event loop, as each
@@ -366,7 +380,6 @@ class MqttSource(Source):
         time at 10k messages/s). The committer takes the oldest batch whenever the
         previous commit is done.
         """
-        pipe = self._pipe
         committer = asyncio.create_task(self._commit_batches(client, out, pipe))
         disconnected: asyncio.Future[None] = client._disconnected
         try:
@@ -378,40 +391,52 @@ class MqttSource(Source):
         finally:
             committer.cancel()
             await asyncio.gather(committer, return_exceptions=True)
-            if pipe.batches or pipe.committing:
-                # Mapped, never acknowledged: the broker redelivers them. What RBE learnt
-                # from them must not suppress the redelivery.
-                self.mapper.reset_rbe()
+            if disconnected.done() and not disconnected.cancelled():
+                disconnected.exception()  # retrieved: no "never retrieved" noise
 
-    def _on_message(self, _client: Any, _userdata: Any, m: paho.MQTTMessage) -> None:
-        """paho's ``on_message``: map one message into the open batch (never raises)."""
-        pipe = self._pipe
-        batch = pipe.open_batch(self.cfg.batch_max_messages)
+    def _on_message(self, pipe: _Pipe, _client: Any, _userdata: Any, m: paho.MQTTMessage) -> None:
+        """paho's ``on_message``: map one message into the open batch. Never raises: an
+        exception here would make paho handle the same packet again and again."""
+        if pipe.closed:
+            return  # its session is over: not acknowledged, so the broker redelivers it
+        payload = m.payload if isinstance(m.payload, bytes) else bytes(m.payload)
         now = datetime.now(UTC)
+        try:
+            outcome = self._map_message(m, payload, now)
+        except Exception as exc:  # a bug: its message is quarantined, the session goes on
+            topic = m._topic.decode("utf-8", "replace")
+            log.exception("mqtt_mapping_failed", source=self.name, topic=topic)
+            outcome = Outcome(
+                quarantine=Quarantined(
+                    self.name,
+                    "mapping_failed",
+                    {"topic": topic, "error": f"{type(exc).__name__}: {exc}"},
+                    _preview(payload),
+                )
+            )
+        # Only appends from here: the ack and what the message produced go in together.
         self.last_message_at = now.timestamp()
         self.counters["received"] += 1
+        batch = pipe.open_batch(self.cfg.batch_max_messages)
         batch.acks.append((m.mid, m.qos))
-        payload = m.payload if isinstance(m.payload, bytes) else bytes(m.payload)
-        try:
-            outcome = self.mapper.map(m.topic, payload, now)
-        except Exception as exc:  # a mapper bug must not drop the message nor the session
-            log.exception("mqtt_mapping_failed", source=self.name, topic=m.topic)
-            bad = Quarantined(
-                self.name,
-                "mapping_failed",
-                {"topic": m.topic, "error": f"{type(exc).__name__}: {exc}"},
-                _preview(payload),
-            )
-            batch.bad.append(bad)
-        else:
-            batch.records += outcome.records
-            batch.suppressed += outcome.suppressed
-            if outcome.quarantine is not None:
-                batch.bad.append(outcome.quarantine)
-                self._log_bad(outcome.quarantine)
-            if outcome.cursor is not None:
-                batch.cursor = outcome.cursor  # each holds the full alias state
+        batch.records += outcome.records
+        batch.suppressed += outcome.suppressed
+        if outcome.quarantine is not None:
+            batch.bad.append(outcome.quarantine)
+        if outcome.cursor is not None:
+            batch.cursor = outcome.cursor  # each holds the full alias state
         pipe.ready.set()
+
+    def _map_message(self, m: paho.MQTTMessage, payload: bytes, now: datetime) -> Outcome:
+        try:
+            topic = m._topic.decode("utf-8")
+        except UnicodeDecodeError:
+            outcome = Outcome(quarantine=self.mapper.bad_topic(m._topic, payload))
+        else:
+            outcome = self.mapper.map(topic, payload, now)
+        if outcome.quarantine is not None:
+            self._log_bad(outcome.quarantine)
+        return outcome
 
     async def _commit_batches(self, client: aiomqtt.Client, out: Output, pipe: _Pipe) -> None:
         while True:
