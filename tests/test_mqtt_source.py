@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from datetime import datetime
 
 import pytest
 import trustme
@@ -72,10 +74,10 @@ async def test_a_mapper_bug_quarantines_its_message_and_the_session_goes_on(
 
 
 def test_the_message_callback_never_raises_into_paho(tmp_path) -> None:
-    """paho re-handles a packet whose on_message raised, forever: the callback must
-    quarantine anything it cannot map (here a topic that is not UTF-8, which mosquitto
-    itself refuses, so no real broker can send it) and ack it with its batch; and a late
-    message of a finished session is left to the broker's redelivery."""
+    """paho re-handles a packet whose on_message raised, forever: the callback only keeps
+    the message, and the mapping quarantines what it cannot map (here a topic that is not
+    UTF-8, which mosquitto itself refuses, so no real broker can send it), acknowledged
+    with its batch. A late message of a finished session is left to redelivery."""
     import paho.mqtt.client as paho  # noqa: PLC0415
 
     from agent.sources.mqtt.source import _Pipe  # noqa: PLC0415
@@ -89,6 +91,7 @@ def test_the_message_callback_never_raises_into_paho(tmp_path) -> None:
     src._on_message(pipe, None, None, bad)
     src._on_message(pipe, None, None, good)
     (batch,) = pipe.batches
+    src._map_batch(batch)
     assert batch.acks == [(7, 1), (8, 1)]
     assert [q.reason for q in batch.bad] == ["invalid_topic"]
     assert [r.data["value"] for r in batch.records] == [2.0]
@@ -98,6 +101,27 @@ def test_the_message_callback_never_raises_into_paho(tmp_path) -> None:
     src._on_message(pipe, None, None, late)
     assert batch.acks == [(7, 1), (8, 1)]
     assert src.counters["received"] == 2
+
+
+async def test_a_message_without_timestamp_is_observed_when_it_arrived(
+    mosquitto: Mosquitto, tmp_path
+) -> None:
+    """Mapping waits for the committer; the fallback time is still the arrival time."""
+    sub = {
+        "topic": "site/{site}/lift/{asset}/telemetry",
+        "asset": "{asset}",
+        "points": [{"name": "load", "path": "load.kg", "type": "float"}],
+    }
+    conf = mqtt_config(mosquitto.port, subscriptions=[sub])
+    async with outbox(tmp_path) as box, running(conf, box) as src:
+        before = time.time()
+        with Publisher(mosquitto.port) as pub:
+            pub.publish("site/berlin/lift/L1/telemetry", json.dumps({"load": {"kg": 5}}))
+        (rec,) = await until(lambda: records(box), what="the record")
+        stored = time.time()
+        await until(lambda: src.counters["acked"] >= 1, what="ack")
+    at = datetime.fromisoformat(rec["observed_at"].replace("Z", "+00:00")).timestamp()
+    assert before - 0.001 <= at <= stored
 
 
 async def test_bad_input_is_quarantined_and_good_messages_flow(
