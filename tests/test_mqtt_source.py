@@ -73,7 +73,7 @@ async def test_a_mapper_bug_quarantines_its_message_and_the_session_goes_on(
     assert src.counters["connects"] == 1
 
 
-def test_the_message_callback_never_raises_into_paho(tmp_path) -> None:
+async def test_the_message_callback_never_raises_into_paho(tmp_path) -> None:
     """paho re-handles a packet whose on_message raised, forever: the callback only keeps
     the message, and the mapping quarantines what it cannot map (here a topic that is not
     UTF-8, which mosquitto itself refuses, so no real broker can send it), acknowledged
@@ -91,7 +91,7 @@ def test_the_message_callback_never_raises_into_paho(tmp_path) -> None:
     src._on_message(pipe, None, None, bad)
     src._on_message(pipe, None, None, good)
     (batch,) = pipe.batches
-    src._map_batch(batch)
+    await src._map_batch(batch)
     assert batch.acks == [(7, 1), (8, 1)]
     assert [q.reason for q in batch.bad] == ["invalid_topic"]
     assert [r.data["value"] for r in batch.records] == [2.0]

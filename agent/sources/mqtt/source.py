@@ -53,6 +53,8 @@ log = structlog.get_logger("agent.sources.mqtt")
 TEST_HOLD_ACKS_ENV = "EDGE_AGENT_TEST_MQTT_HOLD_ACKS"
 
 SESSION_TAKEN_OVER = 142
+# Messages mapped between two yields to the event loop (see MqttSource._map_batch).
+MAP_SLICE = 250
 _PAHO_LOGGER = "mqtt"  # aiomqtt's default logger for paho  # MQTT 5 DISCONNECT reason code 0x8E
 
 
@@ -262,11 +264,10 @@ class MqttSource(Source):
                 await self._connected(client, pipe, out)
         finally:
             pipe.closed = True
-            if pipe.batches or pipe.committing:
-                # Mapped, never acknowledged: the broker redelivers them. What RBE learnt
-                # from them must not suppress the redelivery. (Checked once the client is
-                # gone: a persistent session delivers right after CONNACK, before
-                # SUBSCRIBE has even returned.)
+            if pipe.committing:
+                # A batch was mapped (RBE learnt from it) but not acknowledged: the broker
+                # redelivers it, and RBE must not suppress the redelivery. Batches still
+                # waiting were never mapped and taught RBE nothing.
                 self.mapper.reset_rbe()
 
     async def _connected(self, client: aiomqtt.Client, pipe: _Pipe, out: Output) -> None:
@@ -406,28 +407,35 @@ class MqttSource(Source):
         which would handle the same packet again and again."""
         if pipe.closed:
             return  # its session is over: not acknowledged, so the broker redelivers it
+        now = time.time()
+        raw = (m._topic, m.payload, now)
+        ack = (m.mid, m.qos)
         batch = pipe.open_batch(self.cfg.batch_max_messages)
-        batch.acks.append((m.mid, m.qos))
-        batch.raw.append((m._topic, m.payload, time.time()))
+        batch.raw.append(raw)
+        batch.acks.append(ack)
+        self.counters["received"] += 1
+        self.last_message_at = now
         pipe.ready.set()
 
-    def _map_batch(self, batch: _Batch) -> None:
-        """Map a batch's messages in arrival order, in one tight loop (cache-friendly: mapped
-        one by one between paho's reads, the same work cost twice as much)."""
-        if not batch.raw:
-            return
-        self.last_message_at = batch.raw[-1][2]
-        self.counters["received"] += len(batch.raw)
-        paused = gc.isenabled()
-        gc.disable()  # no await inside; the records live until the commit anyway
-        try:
-            for topic, payload, arrived in batch.raw:
-                # the arrival time, not now: a batch may wait behind a blocked commit, and
-                # messages without a timestamp of their own are observed when they arrived
-                self._map_one(batch, topic, payload, datetime.fromtimestamp(arrived, UTC))
-        finally:
-            if paused:
-                gc.enable()
+    async def _map_batch(self, batch: _Batch) -> None:
+        """Map a batch's messages in arrival order, in tight loops of ``MAP_SLICE`` messages
+        with cyclic GC paused (mapped one by one between paho's reads, the same work cost
+        twice as much), yielding to the event loop between slices so a large batch of
+        many-metric messages never holds it for long."""
+        for start in range(0, len(batch.raw), MAP_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            was_enabled = gc.isenabled()
+            gc.disable()  # no await inside a slice; its records live until the commit
+            try:
+                for topic, payload, arrived in batch.raw[start : start + MAP_SLICE]:
+                    # the arrival time, not now: a batch may wait behind a blocked commit,
+                    # and a message without a timestamp of its own is observed on arrival
+                    when = datetime.fromtimestamp(arrived, UTC)
+                    self._map_one(batch, topic, payload, when)
+            finally:
+                if was_enabled:
+                    gc.enable()
         batch.raw.clear()
 
     def _map_one(
@@ -438,6 +446,9 @@ class MqttSource(Source):
         try:
             outcome = self._map_message(topic, payload, now)
         except Exception as exc:  # a bug: its message is quarantined, the session goes on
+            # RBE may have taken values of this message as reported before the failure;
+            # none of them is stored, so none may suppress a later equal value
+            self.mapper.reset_rbe()
             shown = topic.decode("utf-8", "replace")
             log.exception("mqtt_mapping_failed", source=self.name, topic=shown)
             outcome = Outcome(
@@ -474,7 +485,7 @@ class MqttSource(Source):
                 continue
             batch = pipe.batches.popleft()
             pipe.committing = True  # from here RBE and aliases learn from the batch
-            self._map_batch(batch)
+            await self._map_batch(batch)
             if batch.records or batch.bad or batch.cursor:
                 await out.append(batch.records, batch.cursor, quarantine=batch.bad)
             pipe.committing = False
@@ -486,7 +497,7 @@ class MqttSource(Source):
                 ack = client._client.ack
                 for mid, qos in batch.acks:
                     ack(mid, qos)
-            self.counters["acked"] += len(batch.acks)
+                self.counters["acked"] += len(batch.acks)
 
     def _log_bad(self, q: Quarantined) -> None:
         n = self.mapper.counters[q.reason]
