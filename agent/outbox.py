@@ -28,6 +28,7 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -305,6 +306,11 @@ class Outbox:
         self._bytes = dict.fromkeys(_CLASSES, 0)
         self._reserved = 0
         self._leased: dict[int, Leased] = {}
+        # The seqs handed out by leases, added ON THE WRITER THREAD as the lease query picks
+        # them: a drop decided in a later transaction on that thread always sees them. (A
+        # snapshot of _leased taken on the event loop could miss a lease whose query had
+        # run but whose result had not reached the loop yet, and drop a record in flight.)
+        self._lease_guard: set[int] = set()
         self._lease_lock = asyncio.Lock()
         self._space = asyncio.Event()
         self._data = asyncio.Event()
@@ -513,7 +519,7 @@ class Outbox:
                 group.append(nxt)
                 rows += len(nxt.rows)
             try:
-                await self._transaction(self._write_group, group, frozenset(self._leased))
+                await self._transaction(self._write_group, group, self._lease_guard)
             except Exception as exc:  # every waiter learns; the loop goes on
                 self._write_errors += 1
                 self._last_write_error = f"{type(exc).__name__}: {exc}"
@@ -584,7 +590,7 @@ class Outbox:
         finally:
             self._freed()
 
-    def _write_group(self, tx: _Tx, group: list[_Pending], leased: frozenset[int]) -> None:
+    def _write_group(self, tx: _Tx, group: list[_Pending], leased: AbstractSet[int]) -> None:
         for item in group:
             if item.hashes is not None:
                 self._dedupe(tx, item)
@@ -638,7 +644,7 @@ class Outbox:
             )
 
     def _make_room(
-        self, tx: _Tx, group: list[_Pending], incoming: int, leased: frozenset[int]
+        self, tx: _Tx, group: list[_Pending], incoming: int, leased: AbstractSet[int]
     ) -> None:
         """Drop the oldest readings (stored first, then incoming) until the group fits."""
         stored = sum(b for _, b in self._totals_in(tx).values())
@@ -692,6 +698,11 @@ class Outbox:
         return {
             c: (r + tx.delta.get(c, [0, 0])[0], b + tx.delta.get(c, [0, 0])[1]) for c, r, b in rows
         }
+
+    def _delete_unleased(self, tx: _Tx, seqs: Sequence[int], counter: str) -> int:
+        """:meth:`_delete_counted` of the ``seqs`` not leased by now (writer thread)."""
+        guard = self._lease_guard
+        return self._delete_counted(tx, [s for s in seqs if s not in guard], counter)
 
     def _delete_counted(self, tx: _Tx, seqs: Sequence[int], counter: str | None) -> int:
         gone = tx.con.execute(
@@ -828,12 +839,14 @@ class Outbox:
                 if out and (len(out) >= max_records or total + len(full) > max_bytes):
                     return out
                 out.append(Leased(seq, rid, eid, etype, cls, len(full), full))
+                self._lease_guard.add(seq)
                 total += len(full)
 
     def release(self, seqs: Iterable[int]) -> None:
         """Give leased records back without a decision (they are leased again later)."""
         for seq in seqs:
             self._leased.pop(seq, None)
+            self._lease_guard.discard(seq)
         self._data.set()
 
     async def ack(self, seqs: Sequence[int]) -> int:
@@ -901,7 +914,7 @@ class Outbox:
             last = rows[-1][0]
         if not victims:
             return 0
-        n = int(await self._write(self._delete_counted, victims, "dropped:max_age"))
+        n = int(await self._write(self._delete_unleased, victims, "dropped:max_age"))
         log.warning("outbox_readings_dropped", reason="max_age", count=n)
         return n
 
