@@ -84,17 +84,22 @@ def test_reading_id_is_source_point_time() -> None:
         Record.reading(src, EntityType.WORK_ORDER, "p", at, {})
 
 
-def test_envelope_has_every_design_field() -> None:
-    rec = Record.entity(
+def sap_order(**extra: object) -> Record:
+    """An SAP work order version with every optional part of the envelope set."""
+    return Record.entity(
         SAP,
         EntityType.WORK_ORDER,
         "000004001234",
         {"title": "Replace door motor"},
-        custom={"zz_contract": "C-77"},
         remote_data={"AUFNR": "000004001234"},
         source_modified_at=datetime(2026, 11, 21, 8, 15, tzinfo=UTC),
         modified_precision="day",
+        **extra,  # type: ignore[arg-type]
     )
+
+
+def test_envelope_has_every_design_field() -> None:
+    rec = sap_order(custom={"zz_contract": "C-77"})
     env = orjson.loads(rec.to_json())
     assert set(env) == {
         "id",
@@ -142,15 +147,7 @@ def test_connection_status_back_to_an_old_state_is_a_new_version() -> None:
 
 
 def test_fast_constructor_builds_the_same_immutable_record_as_the_dataclass() -> None:
-    rec = Record.entity(
-        SAP,
-        EntityType.WORK_ORDER,
-        "000004001234",
-        {"title": "Replace door motor"},
-        remote_data={"AUFNR": "000004001234"},
-        source_modified_at=datetime(2026, 11, 21, 8, 15, tzinfo=UTC),
-        modified_precision="day",
-    )
+    rec = sap_order()
     again = Record(
         rec.id,
         rec.entity_id,
