@@ -329,8 +329,8 @@ class MqttSource(Source):
         # Before connecting: a persistent session delivers queued messages right after
         # CONNACK, and each must wait for its commit before its PUBACK.
         inner.manual_ack_set(True)
-        # Messages are mapped as paho reads them (see _consume), into this client's own
-        # pipe: a late callback of an old connection can never reach a newer committer.
+        # paho's callback keeps each message in this client's own pipe (see _consume): a
+        # late callback of an old connection can never reach a newer committer.
         pipe = _Pipe()
         inner.on_message = functools.partial(self._on_message, pipe)
         on_connect: Any = inner.on_connect
@@ -383,9 +383,9 @@ class MqttSource(Source):
         Left queued while a commit waited, those messages were promoted through the GC
         generations and every collection walked them again (40% of the source's time at
         10k messages/s). The committer takes the oldest batch whenever the previous
-        commit is done and maps it in one tight loop with cyclic GC paused: mapped one by
-        one between paho's reads, the same work cost about twice as much (measured with
-        benchmarks/mqtt_ingest.py: 0.65 of the bare subscriber, 0.85 batched).
+        commit is done and maps it in tight loops with cyclic GC paused: mapped one by one
+        between paho's reads, the same work cost about twice as much (measured with
+        benchmarks/mqtt_ingest.py: 0.65 of the bare subscriber, 0.73-0.84 batched).
         """
         committer = asyncio.create_task(self._commit_batches(client, out, pipe))
         disconnected: asyncio.Future[None] = client._disconnected
