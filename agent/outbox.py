@@ -908,7 +908,7 @@ class Outbox:
             ) as cur:
                 rows = list(await cur.fetchall())
             young = [s for s, at in rows if at >= cutoff]
-            victims += [s for s, at in rows if at < cutoff and s not in self._leased]
+            victims += [s for s, at in rows if at < cutoff]  # leased ones: _delete_unleased
             if not rows or young:
                 break
             last = rows[-1][0]

@@ -15,12 +15,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import orjson
 
@@ -311,11 +310,11 @@ class Record:
             observed_at = datetime.now(UTC)
         observed = observed_at if isinstance(observed_at, str) else format_time(observed_at)
         modified = _time_or_none(source_modified_at)
-        rec = _new_record(
+        rec = cls(
             rid, eid, entity_type, op, source, remote_id, observed, chash,
             data, custom, remote_data, modified, modified_precision,
         )  # fmt: skip
-        _set_json(rec, _envelope_json(rec, (d, c, r)))
+        object.__setattr__(rec, "_json", _envelope_json(rec, (d, c, r)))
         return rec
 
     @classmethod
@@ -345,11 +344,11 @@ class Record:
         rid = _uuid5(f"{source.name}:{point}:{at}")
         eid = _entity_id(source.name, entity_type, point)
         chash = _hash(_OP_JSON[Op.UPSERT], d, c, _NULL if r is None else r)
-        rec = _new_record(
+        rec = cls(
             rid, eid, entity_type, Op.UPSERT, source, point, at, chash,
             data, custom, remote_data, at, "second",
         )  # fmt: skip
-        _set_json(rec, _envelope_json(rec, (d, c, r)))
+        object.__setattr__(rec, "_json", _envelope_json(rec, (d, c, r)))
         return rec
 
     @property
@@ -384,32 +383,6 @@ class Record:
         if self._json is not None:
             return self._json
         return canonical_json(self.envelope())
-
-
-def _record_maker() -> Callable[..., Record]:
-    """A constructor for :class:`Record` that sets its slots directly.
-
-    A frozen dataclass's ``__init__`` assigns each field through ``object.__setattr__``
-    (looked up by name); with 14 fields that is ~2.6 us per record, more than the two
-    uuids of its ids. This sets the same slots through their descriptors (~1 us), with
-    ``_json`` left ``None``, as ``__init__`` does; ``test_records`` compares the two.
-    """
-    names = [f.name for f in fields(Record) if f.init]
-    slots = vars(Record)  # the slot descriptors, by field name
-    setters = {f"_set_{n}": slots[n].__set__ for n in names}
-    body = "".join(f"    _set_{n}(r, {n})\n" for n in names)
-    src = (
-        f"def make({', '.join(names)}):\n    r = _new(Record)\n{body}"
-        "    _set__json(r, None)\n    return r\n"
-    )
-    scope: dict[str, Any] = {"_new": object.__new__, "Record": Record, **setters}
-    scope["_set__json"] = slots["_json"].__set__
-    exec(src, scope)  # noqa: S102 - generated from the dataclass's own field names
-    return cast("Callable[..., Record]", scope["make"])
-
-
-_new_record = _record_maker()
-_set_json: Callable[[Record, bytes], None] = vars(Record)["_json"].__set__
 
 
 def connection_status(

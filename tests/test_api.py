@@ -14,6 +14,7 @@ from agent.api import readiness, readiness_warnings
 from agent.errors import ConfigError
 from agent.outbox import Quarantined
 from tests.agent_harness import running_agent, settings_for
+from tests.helpers.waiting import free_port, wait_for
 from tests.outbox_helpers import work_order
 
 SPEC = json.loads((Path(__file__).parents[1] / "docs" / "local-api.openapi.json").read_text())
@@ -166,8 +167,6 @@ async def test_readyz_says_not_ready_while_the_mqtt_broker_is_unreachable(
     tmp_path: Path,
 ) -> None:
     """A real agent with an MQTT source whose broker does not listen."""
-    from tests.helpers.waiting import free_port, wait_for  # noqa: PLC0415
-
     dead = free_port()
     settings = settings_for(
         tmp_path,

@@ -103,10 +103,37 @@ async def test_the_message_callback_never_raises_into_paho(tmp_path) -> None:
     assert src.counters["received"] == 2
 
 
+async def test_a_batch_that_waited_keeps_each_message_arrival_time() -> None:
+    """Mapping happens when the committer takes a batch, which may be long after the
+    messages arrived (behind a commit blocked on a full outbox): the fallback time of a
+    message without a timestamp is its arrival, not the mapping."""
+    import paho.mqtt.client as paho  # noqa: PLC0415
+
+    from agent.sources.mqtt.source import _Pipe  # noqa: PLC0415
+
+    sub = {
+        "topic": "site/{site}/lift/{asset}/telemetry",
+        "asset": "{asset}",
+        "points": [{"name": "load", "path": "load.kg", "type": "float"}],
+    }
+    src = MqttSource("plant", mqtt_config(1883, subscriptions=[sub]), SourceContext("gw", "s"))
+    pipe = _Pipe()
+    m = paho.MQTTMessage(mid=1, topic=b"site/berlin/lift/L1/telemetry")
+    m.payload, m.qos = b'{"load": {"kg": 5}}', 1
+    src._on_message(pipe, None, None, m)
+    (batch,) = pipe.batches
+    topic, payload, arrived = batch.raw[0]
+    batch.raw[0] = (topic, payload, arrived - 3600)  # it waited an hour for the committer
+    await src._map_batch(batch)
+    (rec,) = batch.records
+    observed = datetime.fromisoformat(rec.observed_at.replace("Z", "+00:00")).timestamp()
+    assert abs(observed - (arrived - 3600)) < 0.001
+
+
 async def test_a_message_without_timestamp_is_observed_when_it_arrived(
     mosquitto: Mosquitto, tmp_path
 ) -> None:
-    """Mapping waits for the committer; the fallback time is still the arrival time."""
+    """End to end, a message without a timestamp of its own is observed about now."""
     sub = {
         "topic": "site/{site}/lift/{asset}/telemetry",
         "asset": "{asset}",
