@@ -12,10 +12,12 @@ the same ``id`` and the upstream can drop what it has already seen:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -132,6 +134,7 @@ def iso_utc(value: datetime) -> str:
 
 # uuid5 = sha1(namespace bytes + name): hash the namespace once and copy the state.
 _NS_SHA1 = hashlib.sha1(_NS_BYTES, usedforsecurity=False)
+_sha1 = hashlib.sha1
 # The RFC 4122 variant bits replace the top two bits of hex digit 16.
 _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
@@ -140,10 +143,12 @@ def _uuid5(name: str) -> str:
     """``str(uuid.uuid5(NS, name))`` without building UUID objects (hot path: every record)."""
     sha = _NS_SHA1.copy()
     sha.update(name.encode())
-    h = sha.hexdigest()
-    return "".join(
-        (h[:8], "-", h[8:12], "-5", h[13:16], "-", _VARIANT[h[16]], h[17:20], "-", h[20:32])
-    )
+    return _uuid5_text(sha.hexdigest())
+
+
+def _uuid5_text(h: str) -> str:
+    """The uuid5 text of a SHA-1 hex digest: version 5, RFC 4122 variant."""
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 
 
 def _time_or_none(value: datetime | date | str | None) -> str | None:
@@ -299,23 +304,13 @@ class Record:
         ``observed_at`` may be given as text already formatted by :func:`format_time`
         (a sync stamps a whole chunk with one time).
         """
-        custom = custom or {}
-        d = canonical_json(data)
-        c = canonical_json(custom) if custom else _EMPTY_OBJECT
-        r = None if remote_data is None else canonical_json(remote_data)
-        eid = _uuid5(f"{source.name}:{entity_type}:{remote_id}")  # = entity_uuid(...)
-        chash = _hash(_OP_JSON.get(op) or canonical_json(op), d, c, _NULL if r is None else r)
-        rid = _uuid5(f"{eid}:{chash}")
         if observed_at is None:
             observed_at = datetime.now(UTC)
         observed = observed_at if isinstance(observed_at, str) else format_time(observed_at)
-        modified = _time_or_none(source_modified_at)
-        rec = cls(
-            rid, eid, entity_type, op, source, remote_id, observed, chash,
-            data, custom, remote_data, modified, modified_precision,
+        return entity_builder(source, entity_type, modified_precision).build(
+            remote_id, data, op, custom or {}, remote_data, _time_or_none(source_modified_at),
+            observed,
         )  # fmt: skip
-        object.__setattr__(rec, "_json", _envelope_json(rec, (d, c, r)))
-        return rec
 
     @classmethod
     def reading(
@@ -383,6 +378,101 @@ class Record:
         if self._json is not None:
             return self._json
         return canonical_json(self.envelope())
+
+
+# The record constructor without the frozen dataclass's per-field object.__setattr__
+# (half the cost of building a record). Generated from the fields, as dataclasses
+# generates __init__, so it cannot miss one.
+def _record_constructor() -> Callable[..., Record]:
+    names = [f.name for f in fields(Record)]
+    scope: dict[str, Any] = {"_new": object.__new__, "_Record": Record}
+    scope.update({f"_set_{n}": getattr(Record, n).__set__ for n in names})
+    body = "".join(f"\n    _set_{n}(rec, {n})" for n in names)
+    exec(f"def new({', '.join(names)}):\n    rec = _new(_Record){body}\n    return rec", scope)  # noqa: S102
+    return scope["new"]  # type: ignore[no-any-return]
+
+
+_new_record = _record_constructor()
+
+
+class EntityBuilder:
+    """Builds the entity versions of one source, entity type and precision.
+
+    What all of them share (the entity-name prefix hashed into ``entity_id``, the
+    constant parts of the envelope) is encoded once; a SQL sync builds a whole chunk
+    with one builder. :meth:`Record.entity` goes through here too, so both give the
+    same bytes (the golden tests hold them to it).
+    """
+
+    __slots__ = (
+        "_mid", "_name", "_obs", "_precision", "_src", "entity_type", "precision", "source",
+    )  # fmt: skip
+
+    def __init__(self, source: SourceRef, entity_type: EntityType, precision: Precision) -> None:
+        with contextlib.suppress(ValueError):  # "work_order" and the member share a cache entry
+            entity_type = EntityType(entity_type)
+        self.source, self.entity_type, self.precision = source, entity_type, precision
+        dumps = orjson.dumps
+        self._name = _NS_BYTES + f"{source.name}:{entity_type}:".encode()
+        self._mid = b'","entity_type":' + (
+            _TYPE_JSON.get(entity_type) or dumps(str(entity_type))
+        ) + b',"id":"'  # fmt: skip
+        self._precision = b'","modified_precision":' + (
+            _PRECISION_JSON.get(precision) or dumps(precision)
+        ) + b',"observed_at":'  # fmt: skip
+        self._src = b',"source":' + source._json + b',"source_modified_at":'
+        # observed_at and its JSON, for the last value seen (a chunk shares one). A tuple
+        # swap is atomic: builders are shared between threads.
+        self._obs: tuple[str | None, bytes] = (None, b"null")
+
+    def build(  # noqa: PLR0917 - positional: the hot path of every SQL row
+        self,
+        remote_id: str,
+        data: dict[str, Any],
+        op: Op,
+        custom: dict[str, Any],
+        remote_data: dict[str, Any] | None,
+        modified: str | None,
+        observed: str,
+    ) -> Record:
+        """One version; times already formatted by :func:`format_time`."""
+        dumps = orjson.dumps
+        d = dumps(data, default=_default, option=_CANON)
+        c = dumps(custom, default=_default, option=_CANON) if custom else _EMPTY_OBJECT
+        r = None if remote_data is None else dumps(remote_data, default=_default, option=_CANON)
+        eid = _uuid5_text(_sha1(self._name + remote_id.encode()).hexdigest())
+        op_json = _OP_JSON.get(op) or canonical_json(op)
+        chash = _hash(op_json, d, c, _NULL if r is None else r)
+        rid = _uuid5_text(_sha1(_NS_BYTES + f"{eid}:{chash}".encode()).hexdigest())
+        obs = self._obs
+        if obs[0] is not observed:
+            obs = self._obs = (observed, dumps(observed))
+        body = b"".join(
+            (
+                b'{"content_hash":"', chash.encode(),
+                b'","custom":', c,
+                b',"data":', d,
+                b',"entity_id":"', eid.encode(), self._mid, rid.encode(), self._precision,
+                obs[1],
+                b',"op":', op_json,
+                b"" if r is None else b',"remote_data":', r or b"",
+                b',"remote_id":', dumps(remote_id),
+                self._src, dumps(modified),
+                b"}",
+            )
+        )  # fmt: skip
+        return _new_record(
+            rid, eid, self.entity_type, op, self.source, remote_id, observed, chash,
+            data, custom, remote_data, modified, self.precision, body,
+        )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1024)
+def entity_builder(
+    source: SourceRef, entity_type: EntityType, precision: Precision
+) -> EntityBuilder:
+    """The (shared) :class:`EntityBuilder` of a source, entity type and precision."""
+    return EntityBuilder(source, entity_type, precision)
 
 
 def connection_status(

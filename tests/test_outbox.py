@@ -12,6 +12,7 @@ import pytest
 
 from agent.errors import OutboxWriteError
 from agent.outbox import Cursor, Outbox, Quarantined
+from agent.records import EntityType, Record, SourceRef
 from tests.helpers.waiting import wait_for
 from tests.outbox_helpers import reading, work_order
 
@@ -122,6 +123,47 @@ async def test_dedupe_skips_unchanged_versions_only(box: Outbox) -> None:
     assert (changed.stored, changed.unchanged) == (1, 1)
     back = await box.append([work_order("WO0", 1)], dedupe=True)  # reverted: a new version
     assert back.stored == 1
+
+
+async def test_dedupe_state_survives_reopen_and_is_per_source(tmp_path: Path) -> None:
+    async with Outbox(tmp_path / "outbox.db") as box:
+        await box.append([work_order("WO1", 1), work_order("WO2", 1)], dedupe=True)
+    async with Outbox(tmp_path / "outbox.db") as box:
+        again = await box.append([work_order("WO1", 1), work_order("WO2", 2)], dedupe=True)
+        assert (again.stored, again.unchanged) == (1, 1)
+        # Same remote id and content from another source: another entity, stored.
+        other = Record.entity(
+            SourceRef("other", "test", "site-1"), EntityType.WORK_ORDER, "WO1",
+            work_order("WO1", 1).data,
+        )  # fmt: skip
+        assert (await box.append([other], dedupe=True)).stored == 1
+
+
+async def test_schema_v1_file_is_migrated_keeping_records_and_cursors(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    async with Outbox(path) as box:
+        await box.append([work_order("WO1", 1)], Cursor("s", "k", 7), dedupe=True)
+    # Turn the file back into what a v1 agent left: the old dedupe table, version 1.
+    con = sqlite3.connect(path, isolation_level=None)
+    con.executescript(
+        "DROP TABLE entity_versions; "
+        "CREATE TABLE entity_hashes (entity_id TEXT PRIMARY KEY, content_hash TEXT NOT NULL) "
+        "WITHOUT ROWID; INSERT INTO entity_hashes VALUES ('e', 'sha256:00'); "
+        "PRAGMA user_version=1;"
+    )
+    con.close()
+    async with Outbox(path) as box:
+        assert await box.cursor("s", "k") == 7
+        assert ids(await box.lease(10, 10**6)) == [work_order("WO1", 1).id]
+        # The v1 hashes are gone (uuids cannot be mapped to names): one re-send, no loss.
+        assert (await box.append([work_order("WO1", 1)], dedupe=True)).stored == 1
+        assert (await box.append([work_order("WO1", 1)], dedupe=True)).unchanged == 1
+    con = sqlite3.connect(path)
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 2
+    con.close()
+    assert "entity_hashes" not in tables
+    assert "entity_versions" in tables
 
 
 async def test_reject_then_requeue_restores_original_position(box: Outbox) -> None:

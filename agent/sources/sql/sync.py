@@ -21,7 +21,7 @@ import orjson
 import structlog
 
 from agent.outbox import Cursor, Quarantined
-from agent.records import Op, Record, format_time, iso_utc
+from agent.records import Op, Record, entity_builder, format_time, iso_utc
 from agent.sources.base import Output
 from agent.sources.sql import keyset, mapping
 from agent.sources.sql.model import (
@@ -302,8 +302,8 @@ class EntitySync:
                 gc.enable()
 
     def _map_rows(self, rows: Sequence[Row], ctx: Any) -> tuple[list[Record], list[Quarantined]]:
-        spec, ref, fmap, entity = self.spec, self.source.ref, self.mapping, Record.entity
-        mapper, entity_type, precision = spec.mapper, spec.entity_type, spec.precision
+        spec, fmap, mapper = self.spec, self.mapping, self.spec.mapper
+        build = entity_builder(self.source.ref, spec.entity_type, spec.precision).build
         leave_out = mapping.remote_columns(fmap, rows[0]) if rows else None
         observed = format_time(datetime.now(UTC))  # one time for the chunk, formatted once
         records: list[Record] = []
@@ -322,20 +322,8 @@ class EntitySync:
                     modified = last_mod = None
                 elif last_mod is None or mod != last_mod or mod.fold != last_mod.fold:
                     modified, last_mod = rfc3339(mod), mod
-                records.append(
-                    entity(
-                        ref,
-                        entity_type,
-                        m.remote_id,
-                        data,
-                        op=m.op,
-                        custom=custom,
-                        remote_data=remote_data,
-                        source_modified_at=modified,
-                        modified_precision=precision,
-                        observed_at=observed,
-                    )
-                )
+                rec = build(m.remote_id, data, m.op, custom, remote_data, modified, observed)
+                records.append(rec)
             except Exception as exc:  # a bad row is kept aside; the rest flows on
                 bad.append(self._quarantine(row, exc))
         return records, bad

@@ -76,6 +76,18 @@ def _entity(name: str, ent: EntityConfig, tz: ZoneInfo) -> EntitySpec:
 
     timestamp = ent.cursor_kind == "timestamp"
     plan: list[list[tuple[str, str | None]]] = []  # resolved once: databases fold case
+    # The last modified value and its UTC form: rows of a chunk often share one (batch
+    # updates, day-precision dates), and converting costs more than comparing.
+    last: list[Any] = [None, None]
+
+    def modified(raw: Any) -> datetime | None:
+        prev = last[0]
+        # Equal datetimes with equal fold are the same local time (naive) or instant.
+        same = raw.__class__ is datetime and prev.__class__ is datetime and raw == prev
+        if same and raw.fold == prev.fold:
+            return last[1]  # type: ignore[no-any-return]
+        last[:] = raw, as_utc(raw, tz)
+        return last[1]  # type: ignore[no-any-return]
 
     def prepare(row: Row) -> list[list[tuple[str, str | None]]]:
         return [
@@ -102,7 +114,7 @@ def _entity(name: str, ent: EntityConfig, tz: ZoneInfo) -> EntitySpec:
             remote_id,
             data,
             Op.DELETE if gone else Op.UPSERT,
-            as_utc(get("_m"), tz) if timestamp else None,
+            modified(get("_m")) if timestamp else None,
         )
 
     return EntitySpec(
