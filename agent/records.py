@@ -135,6 +135,7 @@ def iso_utc(value: datetime) -> str:
 # uuid5 = sha1(namespace bytes + name): hash the namespace once and copy the state.
 _NS_SHA1 = hashlib.sha1(_NS_BYTES, usedforsecurity=False)
 _sha1 = hashlib.sha1
+_sha256 = hashlib.sha256
 # The RFC 4122 variant bits replace the top two bits of hex digit 16.
 _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
@@ -405,7 +406,8 @@ class EntityBuilder:
     """
 
     __slots__ = (
-        "_mid", "_name", "_obs", "_precision", "_src", "entity_type", "precision", "source",
+        "_mid", "_mod", "_name", "_obs", "_precision", "_src", "entity_type", "precision",
+        "source",
     )  # fmt: skip
 
     def __init__(self, source: SourceRef, entity_type: EntityType, precision: Precision) -> None:
@@ -421,9 +423,11 @@ class EntityBuilder:
             _PRECISION_JSON.get(precision) or dumps(precision)
         ) + b',"observed_at":'  # fmt: skip
         self._src = b',"source":' + source._json + b',"source_modified_at":'
-        # observed_at and its JSON, for the last value seen (a chunk shares one). A tuple
+        # observed_at and source_modified_at with their JSON, for the last value seen (a
+        # chunk shares one observed time, and runs of rows one modified time). A tuple
         # swap is atomic: builders are shared between threads.
         self._obs: tuple[str | None, bytes] = (None, b"null")
+        self._mod: tuple[str | None, bytes] = (None, b"null")
 
     def build(  # noqa: PLR0917 - positional: the hot path of every SQL row
         self,
@@ -435,18 +439,30 @@ class EntityBuilder:
         modified: str | None,
         observed: str,
     ) -> Record:
-        """One version; times already formatted by :func:`format_time`."""
+        """One version; times already formatted by :func:`format_time`.
+
+        The hot path of an SQL sync: :func:`_uuid5_text` and :func:`_hash` are inlined.
+        """
         dumps = orjson.dumps
         d = dumps(data, default=_default, option=_CANON)
         c = dumps(custom, default=_default, option=_CANON) if custom else _EMPTY_OBJECT
         r = None if remote_data is None else dumps(remote_data, default=_default, option=_CANON)
-        eid = _uuid5_text(_sha1(self._name + remote_id.encode()).hexdigest())
+        h = _sha1(self._name + remote_id.encode()).hexdigest()
+        eid = f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
         op_json = _OP_JSON.get(op) or canonical_json(op)
-        chash = _hash(op_json, d, c, _NULL if r is None else r)
-        rid = _uuid5_text(_sha1(_NS_BYTES + f"{eid}:{chash}".encode()).hexdigest())
+        content = b"".join(
+            (b'{"custom":', c, b',"data":', d, b',"op":', op_json, b',"remote_data":',
+             _NULL if r is None else r, b"}")
+        )  # fmt: skip
+        chash = "sha256:" + _sha256(content).hexdigest()
+        h = _sha1(_NS_BYTES + f"{eid}:{chash}".encode()).hexdigest()
+        rid = f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
         obs = self._obs
         if obs[0] is not observed:
             obs = self._obs = (observed, dumps(observed))
+        mod = self._mod
+        if mod[0] is not modified:
+            mod = self._mod = (modified, dumps(modified))
         body = b"".join(
             (
                 b'{"content_hash":"', chash.encode(),
@@ -457,7 +473,7 @@ class EntityBuilder:
                 b',"op":', op_json,
                 b"" if r is None else b',"remote_data":', r or b"",
                 b',"remote_id":', dumps(remote_id),
-                self._src, dumps(modified),
+                self._src, mod[1],
                 b"}",
             )
         )  # fmt: skip

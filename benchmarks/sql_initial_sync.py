@@ -143,9 +143,13 @@ async def run_ceiling(schema: str, table: str, out_dir: Path) -> int:
 
 def child(kind: str, schema: str, table: str) -> None:
     if kind == "agent":
-        # Module imports are the daemon's start-up, paid once, not part of a sync.
+        # Module imports are the daemon's start-up, paid once, not part of a sync; so is
+        # its garbage-collector set-up (agent.app.main does the same before it runs).
         import agent.outbox  # noqa: PLC0415
         import agent.sources.sql  # noqa: F401, PLC0415
+        from agent.app import tune_gc  # noqa: PLC0415
+
+        tune_gc()
     with tempfile.TemporaryDirectory() as tmp:
         began = time.perf_counter()
         run = run_agent if kind == "agent" else run_ceiling

@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import structlog
-from sqlalchemy import text
+from sqlalchemy import Float, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from agent.errors import ConfigError, ReauthorizationRequired, TransientError
@@ -187,6 +187,37 @@ async def test_synchronous_driver_runs_in_worker_threads(tmp_path: Path, outbox:
     finally:
         await source.aclose()
     assert sorted(r["remote_id"] for r in outbox_records(outbox)) == [f"W{i}" for i in range(7)]
+
+
+async def test_fetch_gives_the_values_sqlalchemy_gives(backend, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Rows straight from the driver on the plain path; typed columns still converted."""
+    config = SqlSourceConfig.model_validate(
+        {
+            "type": "sql",
+            "profile": "declarative",
+            "url": backend.url,
+            "entities": {
+                "wo": {"entity_type": "work_order", "table": "wo", "key": ["k"], "cursor": "t"}
+            },
+        }
+    )
+    db = make_source(config, name="cmms").db
+    db.open()
+    plain = text("SELECT 'A1 ' AS k, 7 AS n, 2.50 AS q, NULL AS z")
+    # A Float column over a DECIMAL value: SQLAlchemy converts it (a result processor on
+    # asyncpg), so the driver's row must not be taken as it is.
+    typed = text("SELECT 2.50 AS q").columns(q=Float())
+    try:
+        for stmt in (plain, typed):
+            async with backend.engine.connect() as conn:
+                expected = [dict(r._mapping) for r in (await conn.execute(stmt)).all()]
+            got = await db.fetch(stmt)
+            assert got == expected
+            assert [type(v) for v in got[0].values()] == [type(v) for v in expected[0].values()]
+        assert type((await db.fetch(typed))[0]["q"]) is float
+        assert (await db.fetch(plain))[0]["q"] == Decimal("2.50")
+    finally:
+        await db.close()
 
 
 def test_missing_driver_is_a_config_error(tmp_path: Path):
