@@ -309,21 +309,31 @@ class EntitySync:
         records: list[Record] = []
         bad: list[Quarantined] = []
         # Rows of a chunk often share their modified time (SAP: a date; batch updates):
-        # format it once per run of equal values. Equal datetimes with equal ``fold`` are
-        # the same instant, hence the same UTC text.
+        # format it once per run of equal values (profiles hand the same object back for
+        # a run; equal datetimes with equal ``fold`` are the same instant, hence the same
+        # UTC text).
         last_mod: datetime | None = None
         modified: str | None = None
+        plain = fmap is None  # no field mappings: inline what mapping.apply would do
         for row in rows:
             try:
-                m = mapper(row, ctx)
-                data, custom, remote_data = mapping.apply(fmap, m.data, row, leave_out)
-                mod = m.modified_at
-                if mod is None:
-                    modified = last_mod = None
-                elif last_mod is None or mod != last_mod or mod.fold != last_mod.fold:
-                    modified, last_mod = rfc3339(mod), mod
-                rec = build(m.remote_id, data, m.op, custom, remote_data, modified, observed)
-                records.append(rec)
+                remote_id, data, op, mod = mapper(row, ctx)
+                if not plain:
+                    data, custom, remote_data = mapping.apply(fmap, data, row, leave_out)
+                else:
+                    custom = {}
+                    remote_data = None
+                    if leave_out is not None:
+                        remote_data = row.copy()  # a C-level copy and a few deletes
+                        for key in leave_out:
+                            del remote_data[key]
+                if mod is not last_mod:
+                    if mod is None:
+                        modified = None
+                    elif last_mod is None or mod != last_mod or mod.fold != last_mod.fold:
+                        modified = rfc3339(mod)
+                    last_mod = mod
+                records.append(build(remote_id, data, op, custom, remote_data, modified, observed))
             except Exception as exc:  # a bad row is kept aside; the rest flows on
                 bad.append(self._quarantine(row, exc))
         return records, bad
