@@ -279,8 +279,12 @@ def _row(record: Record, now: float) -> _Row:
     return (record.id, record.entity_id, etype, cls, now, len(body), body)
 
 
-def _insert_records(con: sqlite3.Connection, rows: Sequence[_Row]) -> None:
-    """Insert ``rows`` in order, a statement per ~16 MiB of bodies (see ``_INSERT_MANY``)."""
+def _insert_records(con: sqlite3.Connection, rows: Sequence[_Row]) -> dict[str, list[int]]:
+    """Insert ``rows`` in order, a statement per ~16 MiB of bodies (see ``_INSERT_MANY``).
+
+    Returns the rows and bytes inserted per retention class.
+    """
+    added: dict[str, list[int]] = {}
     start = 0
     while start < len(rows):
         meta: list[tuple[str, str, str, str, float, int, int]] = []
@@ -294,6 +298,13 @@ def _insert_records(con: sqlite3.Connection, rows: Sequence[_Row]) -> None:
             offset += size
         con.execute(_INSERT_MANY, (orjson.dumps(meta).decode(), b"".join(bodies)))
         start += len(meta)
+    for row in rows:
+        count = added.get(row[3])
+        if count is None:
+            count = added[row[3]] = [0, 0]
+        count[0] += 1
+        count[1] += row[5]
+    return added
 
 
 def _version(record: Record) -> tuple[str, str]:
@@ -514,9 +525,11 @@ class Outbox:
             raise RuntimeError("outbox is not open")
         now = time.time()
         rows = [_row(r, now) for r in records]
-        size = sum(r[5] for r in rows)
-        business = sum(r[5] for r in rows if r[3] == "business")
-        await self._admit(business if self.when_full == "drop_oldest" else size)
+        size = sum([r[5] for r in rows])
+        if self.when_full == "drop_oldest":  # readings can make room: admit the rest only
+            await self._admit(sum([r[5] for r in rows if r[3] == "business"]))
+        else:
+            await self._admit(size)
         loop = asyncio.get_running_loop()
         item = _Pending(
             rows=rows,
@@ -646,14 +659,13 @@ class Outbox:
         for item in group:
             if item.versions is not None:
                 self._dedupe(tx, item)
-        incoming = sum(r[5] for item in group for r in item.rows)
         if self.when_full == "drop_oldest":
+            incoming = sum(r[5] for item in group for r in item.rows)
             self._make_room(tx, group, incoming, leased)
         rows = [r for item in group for r in item.rows]
         if rows:
-            _insert_records(tx.con, rows)
-            for r in rows:
-                tx.count(r[3], 1, r[5])
+            for cls, (n, size) in _insert_records(tx.con, rows).items():
+                tx.count(cls, n, size)
         for item in group:
             item.result.stored = len(item.rows)
         cursors = [c for i in group for c in i.cursors]

@@ -10,6 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+import agent.outbox as outbox_module
 from agent.errors import OutboxWriteError
 from agent.outbox import Cursor, Outbox, Quarantined
 from agent.records import EntityType, Record, SourceRef
@@ -54,6 +55,26 @@ async def test_append_lease_ack_in_order(box: Outbox) -> None:
     assert await box.lease(10, 10**6) == []  # the rest is still in flight
     box.release(x.seq for x in leased[3:])
     assert await box.lease(10, 10**6) == leased[3:]
+
+
+async def test_large_groups_are_split_and_keep_order_and_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group over the statement size limit goes in as several statements, in order."""
+    monkeypatch.setattr(outbox_module, "_INSERT_MANY_BYTES", 2000)
+    recs = [work_order(f"WO{i}", pad=i * 37) for i in range(40)]  # 200 B to 1.7 KB each
+    async with Outbox(tmp_path / "outbox.db") as box:
+        assert (await box.append(recs)).stored == 40
+        leased = await box.lease(100, 10**8)
+        stats = await box.stats()
+    assert ids(leased) == [r.id for r in recs]
+    assert [x.seq for x in leased] == sorted(x.seq for x in leased)
+    for rec, got in zip(recs, leased, strict=True):
+        body = orjson.loads(got.body)
+        del body["seq"]
+        assert orjson.dumps(body, option=orjson.OPT_SORT_KEYS) == rec.to_json()
+    assert stats.rows["business"] == 40
+    assert stats.bytes["business"] == sum(len(r.to_json()) for r in recs)
 
 
 async def test_lease_respects_count_and_bytes_but_always_gives_one(box: Outbox) -> None:
