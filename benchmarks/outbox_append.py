@@ -25,10 +25,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.outbox import _INSERT, _SCHEMA, Outbox, _row
+from agent.outbox import _SCHEMA, Outbox, _row
 from agent.records import EntityType, Record, SourceRef
 
 SRC = SourceRef("bench-sap", "sap_ecc", "plant-1000")
+RAW_INSERT = (
+    "INSERT INTO records (id, entity_id, entity_type, class, created_at, size, body) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 T0 = datetime(2026, 11, 22, tzinfo=UTC)
 
 
@@ -104,7 +108,7 @@ def ceiling_run(path: Path, records: list[Record]) -> float:
     t = time.perf_counter()
     for i in range(0, len(rows), 1000):
         con.execute("BEGIN")
-        con.executemany(_INSERT, rows[i : i + 1000])
+        con.executemany(RAW_INSERT, rows[i : i + 1000])
         con.execute("COMMIT")
     elapsed = time.perf_counter() - t
     con.close()
