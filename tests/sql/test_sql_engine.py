@@ -8,11 +8,13 @@ import uuid
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 import structlog
 from sqlalchemy import Float, text
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from agent.errors import ConfigError, ReauthorizationRequired, TransientError
@@ -207,15 +209,54 @@ async def test_fetch_gives_the_values_sqlalchemy_gives(backend, tmp_path: Path):
     # A Float column over a DECIMAL value: SQLAlchemy converts it (a result processor on
     # asyncpg), so the driver's row must not be taken as it is.
     typed = text("SELECT 2.50 AS q").columns(q=Float())
+    # Which path each query takes: SQLAlchemy's rows are built only for the typed one.
+    built: list[int] = []
+    all_rows = CursorResult.all
+
+    def counting_all(self: CursorResult[Any]) -> Any:
+        built.append(1)
+        return all_rows(self)
+
     try:
-        for stmt in (plain, typed):
+        for stmt, wrapped in ((plain, 0), (typed, 1)):
             async with backend.engine.connect() as conn:
                 expected = [dict(r._mapping) for r in (await conn.execute(stmt)).all()]
-            got = await db.fetch(stmt)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(CursorResult, "all", counting_all)
+                got = await db.fetch(stmt)
+            assert len(built) == wrapped, stmt
+            built.clear()
             assert got == expected
             assert [type(v) for v in got[0].values()] == [type(v) for v in expected[0].values()]
         assert type((await db.fetch(typed))[0]["q"]) is float
         assert (await db.fetch(plain))[0]["q"] == Decimal("2.50")
+    finally:
+        await db.close()
+
+
+async def test_an_error_while_fetching_rows_is_classified(tmp_path: Path):
+    """A driver error raised by fetchall (not execute) still becomes a TransientError.
+
+    The synchronous sqlite driver evaluates rows lazily: json() of a bad value fails on
+    the second row, during the fetch that the plain-rows path performs.
+    """
+    config = SqlSourceConfig.model_validate(
+        {
+            "type": "sql",
+            "profile": "declarative",
+            "url": f"sqlite:///{tmp_path / 'x.db'}",
+            "entities": {
+                "wo": {"entity_type": "work_order", "table": "wo", "key": ["k"], "cursor": "t"}
+            },
+        }
+    )
+    db = make_source(config, name="cmms").db
+    db.open()
+    try:
+        bad = text("SELECT json(v) AS j FROM (SELECT '1' AS v UNION ALL SELECT '{bad')")
+        with pytest.raises(TransientError, match="malformed JSON"):
+            await db.fetch(bad)
+        assert await db.fetch(text("SELECT 1 AS ok")) == [{"ok": 1}]  # the pool recovered
     finally:
         await db.close()
 

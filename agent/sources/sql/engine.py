@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 from sqlalchemy import event
 from sqlalchemy.engine import URL, CursorResult, Engine, make_url
-from sqlalchemy.engine.cursor import CursorFetchStrategy
+from sqlalchemy.engine import cursor as sa_cursor
 from sqlalchemy.exc import DBAPIError, NoSuchModuleError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.sql import Executable
@@ -118,6 +118,11 @@ def _install_read_only(sync_engine: Engine, dialect: str) -> None:
         dbapi_connection.commit()
 
 
+# SQLAlchemy's plain fetch strategy, looked up rather than imported: if a release moves
+# it, _plain_rows falls back to result.all() instead of the module failing to import.
+_PLAIN_FETCH: type | None = getattr(sa_cursor, "CursorFetchStrategy", None)
+
+
 def _plain_rows(result: CursorResult[Any]) -> Sequence[Sequence[Any]]:
     """All rows of ``result``, straight from the driver when SQLAlchemy would not convert.
 
@@ -126,14 +131,15 @@ def _plain_rows(result: CursorResult[Any]) -> Sequence[Sequence[Any]]:
     instructions, asyncpg, 5,000-row chunks). The driver's rows are taken only when the
     result uses the plain fetch strategy (nothing buffered aside) and no column has a
     result processor; anything else (or a SQLAlchemy whose internals moved: the checks
-    then fail) goes through ``result.all()``.
+    then fail) goes through ``result.all()``. The strategy's own ``fetchall`` is called,
+    so a driver error while fetching is still wrapped (``DBAPIError``, then classified),
+    a dropped connection is still invalidated, and the result is closed.
     """
     meta = getattr(result, "_metadata", None)
-    plain = type(getattr(result, "cursor_strategy", None)) is CursorFetchStrategy
+    strategy = getattr(result, "cursor_strategy", None)
+    plain = _PLAIN_FETCH is not None and type(strategy) is _PLAIN_FETCH
     if plain and meta is not None and getattr(meta, "_effective_processors", 0) is None:
-        rows = result.cursor.fetchall()
-        result.close()
-        return rows
+        return strategy.fetchall(result, result.cursor)  # type: ignore[no-any-return, union-attr]
     return result.all()
 
 
