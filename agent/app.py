@@ -429,8 +429,8 @@ def tune_gc() -> None:
 
     Every chunk, poll or batch allocates thousands of short-lived containers (rows,
     dicts, records) that reference counting frees; with the default gen-0 threshold of
-    700 a 5,000-row SQL chunk triggered seven collections that found nothing, and the
-    survivors in flight were walked again by gen-1 and gen-2 passes. ``gc.freeze()`` moves
+    700 a 5,000-row SQL chunk triggered about 35 collections that found nothing, and the
+    chunks in flight were walked again by gen-1 and gen-2 passes. ``gc.freeze()`` moves
     what start-up allocated (modules, config: a few hundred thousand objects) out of the
     collector's sight, so a full collection no longer walks it. Cycles are still collected,
     just in fewer, larger passes (measured in docs/sql-sources.md, "Performance").

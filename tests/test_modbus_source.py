@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from agent.outbox import Outbox
 from agent.sources.base import SourceContext
 from agent.sources.modbus import ModbusConfig, ModbusSource
 from agent.sources.modbus.codec import encode
+from agent.sources.modbus.config import ConnectionConfig
+from agent.sources.modbus.poller import ConnectionWorker, make_client
 from tests.helpers.waiting import free_port, wait_for
 from tests.modbus_sim import MemoryOutput, MuteProxy, running, sim_device, start_server
 
@@ -162,6 +165,62 @@ async def test_illegal_address_falls_back_to_split_reads_and_remembers() -> None
     assert [q.reason for q in out.quarantined] == ["illegal_data_address"]
     assert out.quarantined[0].context["point"] == "missing"
     assert status["state"] == "online"
+
+
+async def test_a_cancellation_swallowed_inside_a_read_still_stops_the_worker() -> None:
+    """Python 3.11's asyncio.wait_for (pymodbus awaits every answer with it) returns an
+    answer that arrived as its task was cancelled and drops the cancellation. The worker
+    polled on and a source stop hung (about one test run in five). Here the real client
+    is wrapped so that this happens on every read, deterministically."""
+    port = free_port()
+    server = await start_server([sim_device(1, holding={0: [7]})], port)
+    in_read = asyncio.Event()
+
+    class SwallowingClient:
+        """The real pymodbus client; its reads behave like 3.11's wait_for at a cancel."""
+
+        def __init__(self, conf: ConnectionConfig) -> None:
+            self._real = make_client(conf)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._real, name)
+
+        async def read_holding_registers(self, *args: Any, **kwargs: Any) -> Any:
+            async def slow_read() -> Any:
+                await asyncio.sleep(0.2)  # the cancel lands while the answer is on its way
+                return await self._real.read_holding_registers(*args, **kwargs)
+
+            read = asyncio.ensure_future(slow_read())
+            in_read.set()
+            try:
+                return await asyncio.shield(read)
+            except asyncio.CancelledError:
+                return await read  # the answer came: returned, the cancellation lost
+
+    conf = make_config(
+        {"c": {"host": "127.0.0.1", "port": port}},
+        {"d": {"connection": "c", "interval": "1h", "points": [{"name": "v", "address": 0}]}},
+    )
+    source = ModbusSource("m", conf, CTX)
+    source._out = MemoryOutput()
+    worker = ConnectionWorker(
+        "c", conf.connections["c"], list(source.devices.values()),
+        sink=source._emit, on_state=source._device_state, client_factory=SwallowingClient,
+    )  # fmt: skip
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(in_read.wait(), 10)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        # Without the check the worker polled on and then slept for the device's 1h
+        # interval: stopping the source would have hung.
+        assert done, "the worker went on after its cancellation was swallowed"
+        assert task.cancelled()
+        assert source.devices["d"].polls == 1  # the swallowed read did complete
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await server.shutdown()
 
 
 async def test_mute_unit_does_not_stall_a_healthy_unit_on_the_same_connection() -> None:
