@@ -150,6 +150,10 @@ def mutated_sparkplug(draw: Any) -> bytes:
 @given(st.binary(max_size=400) | mutated_sparkplug())
 @example(b"\x08" + b"\xff" * 11)  # an overlong varint
 @example(b"\x12\x7f")  # a length beyond the end
+# Found by this test (session 3): metric fields with the wrong wire type raised TypeError.
+@example(b"\x08\x00\x12\r\n\x00\x10\x00\x18\x00\x80\x80\x01\x80\x00`\x00\x08\x00")
+@example(b"\x08\x00\x12\x02\x08\x00\x08\x00\x08\x00\x80\x01\x00\x08\x00\x08\x00")
+@example(b"\x12\x02\x08\x05")  # a metric name (a string) sent as a varint
 def test_sparkplug_decoder_raises_only_its_error(raw: bytes) -> None:
     try:
         payload = sparkplug.decode(raw)

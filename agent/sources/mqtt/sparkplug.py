@@ -130,9 +130,18 @@ def _text(raw: bytes) -> str:
         raise SparkplugError("string is not valid UTF-8") from exc
 
 
+# Wire type of each Metric field read here (varint 0, fixed64 1, bytes 2, fixed32 5).
+_METRIC_WIRE = {1: 2, 2: 0, 3: 0, 4: 0, 7: 0, 10: 0, 11: 0, 12: 5, 13: 1, 14: 0, 15: 2, 16: 2}
+
+
 def _metric(buf: bytes) -> Metric:
     m = Metric()
-    for number, _, raw in _fields(buf):
+    for number, wire, raw in _fields(buf):
+        want = _METRIC_WIRE.get(number)
+        if want is None:
+            continue  # a field this decoder does not use (properties, metadata, ...)
+        if wire != want:
+            raise SparkplugError(f"metric field {number} has wire type {wire}, not {want}")
         if number == 1:
             m.name = _text(raw)
         elif number == 2:
