@@ -6,7 +6,9 @@ import asyncio
 import json
 import time
 from datetime import datetime
+from typing import Any
 
+import aiomqtt
 import pytest
 import trustme
 from structlog.testing import capture_logs
@@ -241,6 +243,44 @@ async def test_messages_queued_in_session_while_agent_away(
             assert src.session_present is True
         got = await records(box)
     assert {r["data"]["value"] for r in got} == {float(i) for i in range(25)}
+
+
+async def test_a_stop_swallowed_by_the_subscribe_still_stops_the_source(
+    mosquitto: Mosquitto, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python 3.11's asyncio.wait_for (aiomqtt awaits connect, subscribe and disconnect
+    with it) returns a result that arrived as its task was cancelled and drops the
+    cancellation; the source then consumed on and its stop hung (seen once in a full run,
+    in the client-id clash test). Here the real subscribe is wrapped so that this happens
+    deterministically."""
+    subscribing = asyncio.Event()
+    real_subscribe = aiomqtt.Client.subscribe
+
+    async def swallowing_subscribe(self: aiomqtt.Client, *args: Any, **kwargs: Any) -> Any:
+        async def slow() -> Any:
+            await asyncio.sleep(0.2)  # the stop lands while the SUBACK is on its way
+            return await real_subscribe(self, *args, **kwargs)
+
+        sub = asyncio.ensure_future(slow())
+        subscribing.set()
+        try:
+            return await asyncio.shield(sub)
+        except asyncio.CancelledError:
+            return await sub  # what wait_for does when the result is already there
+
+    monkeypatch.setattr(aiomqtt.Client, "subscribe", swallowing_subscribe)
+    source = MqttSource("plant", mqtt_config(mosquitto.port), SourceContext("gw-1", "site"))
+    async with outbox(tmp_path) as box:
+        task = asyncio.create_task(source.run(box))
+        try:
+            await asyncio.wait_for(subscribing.wait(), 10)
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=5)
+            assert done, "the source went on after its stop was swallowed"
+            assert task.cancelled()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

@@ -28,6 +28,7 @@ from pymodbus import FramerType
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusIOException
 
+from agent import tasks
 from agent.backoff import Backoff
 from agent.sources.modbus.config import ConnectionConfig, DeviceConfig
 from agent.sources.modbus.planner import Request, plan, split
@@ -162,25 +163,6 @@ Sink = Callable[[Poll], Awaitable[None]]
 StateChange = Callable[[DeviceState, str, str | None], Awaitable[None]]
 
 
-def _stop_if_cancelled() -> None:
-    """Raise ``CancelledError`` if this task was cancelled and something swallowed it.
-
-    On Python 3.11, ``asyncio.wait_for`` (pymodbus awaits every answer with it) returns a
-    result that arrived while its task was being cancelled and drops the cancellation.
-    The worker then polled on, and stopping the source (its TaskGroup) waited forever:
-    seen as a hung test, about one run in five. ``Task.cancelling()`` still counts the
-    request, so the worker checks it before every wait.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
-
-
-async def _sleep(seconds: float) -> None:
-    _stop_if_cancelled()
-    await asyncio.sleep(seconds)
-
-
 class ConnectionWorker:
     """Owns one connection's client and polls its devices one request at a time."""
 
@@ -227,15 +209,15 @@ class ConnectionWorker:
             device.next_due = start + device.interval * i / len(self.devices)
         try:
             while True:
-                _stop_if_cancelled()
+                tasks.raise_if_cancelling()  # a lost stop (see agent.tasks)
                 if not await self._ensure_connected():
-                    await _sleep(backoff.delay())
+                    await tasks.sleep(backoff.delay())
                     continue
                 backoff.reset()
                 device = min(self.devices, key=lambda d: d.next_due)
                 wait = device.next_due - time.monotonic()
                 if wait > 0:
-                    await _sleep(wait)
+                    await tasks.sleep(wait)
                 await self._poll(device)
         finally:
             self._close()

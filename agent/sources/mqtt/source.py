@@ -36,6 +36,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from agent import tasks
 from agent.backoff import Backoff
 from agent.configtypes import secret_value
 from agent.errors import OutboxWriteError
@@ -186,6 +187,7 @@ class MqttSource(Source):
         self.mapper.restore_aliases(await out.cursor(self.name, ALIAS_CURSOR_KEY))
         backoff = Backoff(self.cfg.reconnect_initial, self.cfg.reconnect_cap)
         while True:
+            tasks.raise_if_cancelling()  # a stop lost inside aiomqtt (see agent.tasks)
             started = time.monotonic()
             self.state = "connecting"
             try:
@@ -204,7 +206,7 @@ class MqttSource(Source):
             delay = backoff.delay(at_least=self.cfg.reconnect_initial / 10)
             self.state = "reconnecting"
             log.info("mqtt_reconnect_scheduled", source=self.name, delay=round(delay, 2))
-            await asyncio.sleep(delay)
+            await tasks.sleep(delay)
 
     def _failed(self, exc: BaseException, where: str) -> None:
         self.last_error = _describe(exc)
@@ -271,6 +273,7 @@ class MqttSource(Source):
                 self.mapper.reset_rbe()
 
     async def _connected(self, client: aiomqtt.Client, pipe: _Pipe, out: Output) -> None:
+        tasks.raise_if_cancelling()  # the connect may have swallowed a stop
         self.connected = True
         self.connected_since = time.time()
         self.counters["connects"] += 1
@@ -291,6 +294,7 @@ class MqttSource(Source):
                 "broker restarted without persistence, or a client id clash)",
             )
         await self._subscribe(client)
+        tasks.raise_if_cancelling()  # so may the subscribe
         self.state = "connected"
         if self._short_streak < self.cfg.clash_threshold:
             self.clash_suspected = False

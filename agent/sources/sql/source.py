@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 import structlog
 
+from agent import tasks
 from agent.backoff import Backoff
 from agent.errors import ReauthorizationRequired
 from agent.records import connection_status
@@ -132,6 +133,7 @@ class SqlSource(Source):
         backoff = Backoff(self.config.retry_initial, self.config.retry_cap)
         next_run = time.time()  # first pass at once; it resumes from the watermark
         while True:
+            tasks.raise_if_cancelling()  # a stop lost inside a driver (asyncmy: see agent.tasks)
             await self._wait(name, next_run)
             req = self._requests.pop(name, _Request())
             try:
