@@ -135,7 +135,6 @@ def iso_utc(value: datetime) -> str:
 # uuid5 = sha1(namespace bytes + name): hash the namespace once and copy the state.
 _NS_SHA1 = hashlib.sha1(_NS_BYTES, usedforsecurity=False)
 _sha1 = hashlib.sha1
-_sha256 = hashlib.sha256
 # The RFC 4122 variant bits replace the top two bits of hex digit 16.
 _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
@@ -439,24 +438,15 @@ class EntityBuilder:
         modified: str | None,
         observed: str,
     ) -> Record:
-        """One version; times already formatted by :func:`format_time`.
-
-        The hot path of an SQL sync: :func:`_uuid5_text` and :func:`_hash` are inlined.
-        """
+        """One version; times already formatted by :func:`format_time`."""
         dumps = orjson.dumps
         d = dumps(data, default=_default, option=_CANON)
         c = dumps(custom, default=_default, option=_CANON) if custom else _EMPTY_OBJECT
         r = None if remote_data is None else dumps(remote_data, default=_default, option=_CANON)
-        h = _sha1(self._name + remote_id.encode()).hexdigest()
-        eid = f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
+        eid = _uuid5_text(_sha1(self._name + remote_id.encode()).hexdigest())
         op_json = _OP_JSON.get(op) or canonical_json(op)
-        content = b"".join(
-            (b'{"custom":', c, b',"data":', d, b',"op":', op_json, b',"remote_data":',
-             _NULL if r is None else r, b"}")
-        )  # fmt: skip
-        chash = "sha256:" + _sha256(content).hexdigest()
-        h = _sha1(_NS_BYTES + f"{eid}:{chash}".encode()).hexdigest()
-        rid = f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
+        chash = _hash(op_json, d, c, _NULL if r is None else r)
+        rid = _uuid5_text(_sha1(_NS_BYTES + f"{eid}:{chash}".encode()).hexdigest())
         obs = self._obs
         if obs[0] is not observed:
             obs = self._obs = (observed, dumps(observed))

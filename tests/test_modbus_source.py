@@ -16,6 +16,7 @@ from agent.sources.modbus import ModbusConfig, ModbusSource
 from agent.sources.modbus.codec import encode
 from agent.sources.modbus.config import ConnectionConfig
 from agent.sources.modbus.poller import ConnectionWorker, make_client
+from tests.helpers.cancel import assert_stops_after_swallowed_cancel, swallowing
 from tests.helpers.waiting import free_port, wait_for
 from tests.modbus_sim import MemoryOutput, MuteProxy, running, sim_device, start_server
 
@@ -186,16 +187,8 @@ async def test_a_cancellation_swallowed_inside_a_read_still_stops_the_worker() -
             return getattr(self._real, name)
 
         async def read_holding_registers(self, *args: Any, **kwargs: Any) -> Any:
-            async def slow_read() -> Any:
-                await asyncio.sleep(0.2)  # the cancel lands while the answer is on its way
-                return await self._real.read_holding_registers(*args, **kwargs)
-
-            read = asyncio.ensure_future(slow_read())
-            in_read.set()
-            try:
-                return await asyncio.shield(read)
-            except asyncio.CancelledError:
-                return await read  # the answer came: returned, the cancellation lost
+            real = self._real.read_holding_registers
+            return await swallowing(lambda: real(*args, **kwargs), in_read)
 
     conf = make_config(
         {"c": {"host": "127.0.0.1", "port": port}},
@@ -209,13 +202,9 @@ async def test_a_cancellation_swallowed_inside_a_read_still_stops_the_worker() -
     )  # fmt: skip
     task = asyncio.create_task(worker.run())
     try:
-        await asyncio.wait_for(in_read.wait(), 10)
-        task.cancel()
-        done, _ = await asyncio.wait({task}, timeout=5)
         # Without the check the worker polled on and then slept for the device's 1h
         # interval: stopping the source would have hung.
-        assert done, "the worker went on after its cancellation was swallowed"
-        assert task.cancelled()
+        await assert_stops_after_swallowed_cancel(task, in_read, "the Modbus worker")
         assert source.devices["d"].polls == 1  # the swallowed read did complete
     finally:
         task.cancel()

@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 
 from agent.sources.base import SourceContext
 from agent.sources.mqtt import MqttSource
+from tests.helpers.cancel import assert_stops_after_swallowed_cancel, swallowing
 from tests.helpers.mosquitto import Mosquitto, Tls, have_mosquitto
 from tests.helpers.mqttpub import Publisher
 from tests.helpers.waiting import wait_for as until
@@ -257,27 +258,14 @@ async def test_a_stop_swallowed_by_the_subscribe_still_stops_the_source(
     real_subscribe = aiomqtt.Client.subscribe
 
     async def swallowing_subscribe(self: aiomqtt.Client, *args: Any, **kwargs: Any) -> Any:
-        async def slow() -> Any:
-            await asyncio.sleep(0.2)  # the stop lands while the SUBACK is on its way
-            return await real_subscribe(self, *args, **kwargs)
-
-        sub = asyncio.ensure_future(slow())
-        subscribing.set()
-        try:
-            return await asyncio.shield(sub)
-        except asyncio.CancelledError:
-            return await sub  # what wait_for does when the result is already there
+        return await swallowing(lambda: real_subscribe(self, *args, **kwargs), subscribing)
 
     monkeypatch.setattr(aiomqtt.Client, "subscribe", swallowing_subscribe)
     source = MqttSource("plant", mqtt_config(mosquitto.port), SourceContext("gw-1", "site"))
     async with outbox(tmp_path) as box:
         task = asyncio.create_task(source.run(box))
         try:
-            await asyncio.wait_for(subscribing.wait(), 10)
-            task.cancel()
-            done, _ = await asyncio.wait({task}, timeout=5)
-            assert done, "the source went on after its stop was swallowed"
-            assert task.cancelled()
+            await assert_stops_after_swallowed_cancel(task, subscribing, "the MQTT source")
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
