@@ -28,7 +28,7 @@ from agent.backoff import Backoff
 from agent.errors import ConfigError
 from agent.forwarder import Forwarder
 from agent.outbox import AppendResult, Cursor, Outbox, Quarantined
-from agent.records import Record
+from agent.records import Record, builder_implementation
 from agent.rules.output import run_source
 from agent.sources.base import Source, SourceConfig, SourceContext
 
@@ -167,6 +167,7 @@ class Agent:
             log.info(
                 "agent_started",
                 version=__version__,
+                record_builder=builder_implementation(),
                 agent_id=self.settings.agent.id,
                 outbox=str(self.outbox.path),
                 sources=sorted(self.slots),
@@ -406,6 +407,7 @@ class Agent:
         """Everything /v1/status shows (never a secret)."""
         return {
             "version": __version__,
+            "record_builder": builder_implementation(),
             "agent_id": self.settings.agent.id,
             "uptime_seconds": round(time.time() - self.started_at, 1),
             "sources": {n: s.status() for n, s in self.slots.items()},

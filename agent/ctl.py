@@ -161,6 +161,11 @@ def render_status(s: dict[str, Any]) -> str:
     )
     lines.extend(f"          - {reason}" for reason in ready.get("reasons", []))
     lines.extend(f"          ! {warning}" for warning in ready.get("warnings", []))
+    if s.get("record_builder") == "python":
+        lines.append(
+            "          ! records are built in pure Python (the C builder agent._envelope is "
+            "not installed): large SQL syncs run slower"
+        )
     rl = s.get("reload") or {}
     if rl.get("at") is not None:
         what = (

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -30,6 +31,17 @@ NS = uuid.UUID("6f1c8a52-3d0e-5b7a-9c41-2e8f5d6a7b30")
 
 MODEL_VERSION = 1
 _NS_BYTES = NS.bytes
+
+# The optional C builder (agent/_envelope.c, compiled at install when a C compiler and
+# OpenSSL's headers are there). EntityBuilder.build_python is the reference; the tests
+# hold the two to the same bytes. EDGE_AGENT_PURE_PYTHON=1 turns the C builder off.
+_envelope: Any
+try:
+    from agent import _envelope
+except ImportError:  # not compiled: the pure-Python builder does the same, slower
+    _envelope = None
+if os.environ.get("EDGE_AGENT_PURE_PYTHON", "").strip() not in {"", "0"}:
+    _envelope = None
 
 
 class EntityType(StrEnum):
@@ -405,8 +417,8 @@ class EntityBuilder:
     """
 
     __slots__ = (
-        "_mid", "_mod", "_name", "_obs", "_precision", "_src", "entity_type", "precision",
-        "source",
+        "_mid", "_mod", "_name", "_obs", "_precision", "_prefix", "_src", "entity_type",
+        "precision", "source",
     )  # fmt: skip
 
     def __init__(self, source: SourceRef, entity_type: EntityType, precision: Precision) -> None:
@@ -414,7 +426,8 @@ class EntityBuilder:
             entity_type = EntityType(entity_type)
         self.source, self.entity_type, self.precision = source, entity_type, precision
         dumps = orjson.dumps
-        self._name = _NS_BYTES + f"{source.name}:{entity_type}:".encode()
+        self._prefix = f"{source.name}:{entity_type}:".encode()
+        self._name = _NS_BYTES + self._prefix
         self._mid = b'","entity_type":' + (
             _TYPE_JSON.get(entity_type) or dumps(str(entity_type))
         ) + b',"id":"'  # fmt: skip
@@ -428,7 +441,7 @@ class EntityBuilder:
         self._obs: tuple[str | None, bytes] = (None, b"null")
         self._mod: tuple[str | None, bytes] = (None, b"null")
 
-    def build(  # noqa: PLR0917 - positional: the hot path of every SQL row
+    def build_python(  # noqa: PLR0917 - positional: the hot path of every SQL row
         self,
         remote_id: str,
         data: dict[str, Any],
@@ -438,7 +451,7 @@ class EntityBuilder:
         modified: str | None,
         observed: str,
     ) -> Record:
-        """One version; times already formatted by :func:`format_time`."""
+        """One version; times already formatted by :func:`format_time` (the reference)."""
         dumps = orjson.dumps
         d = dumps(data, default=_default, option=_CANON)
         c = dumps(custom, default=_default, option=_CANON) if custom else _EMPTY_OBJECT
@@ -471,6 +484,50 @@ class EntityBuilder:
             rid, eid, self.entity_type, op, self.source, remote_id, observed, chash,
             data, custom, remote_data, modified, self.precision, body,
         )  # fmt: skip
+
+    def build_c(  # noqa: PLR0917 - as build_python
+        self,
+        remote_id: str,
+        data: dict[str, Any],
+        op: Op,
+        custom: dict[str, Any],
+        remote_data: dict[str, Any] | None,
+        modified: str | None,
+        observed: str,
+    ) -> Record:
+        """:meth:`build_python` with the hashes and the envelope done by ``agent._envelope``.
+
+        The JSON of ``data``, ``custom``, ``remote_data`` and ``remote_id`` still comes
+        from orjson, so both builders encode values alike; C only hashes and splices.
+        """
+        dumps = orjson.dumps
+        d = dumps(data, default=_default, option=_CANON)
+        c = dumps(custom, default=_default, option=_CANON) if custom else _EMPTY_OBJECT
+        r = None if remote_data is None else dumps(remote_data, default=_default, option=_CANON)
+        name = remote_id.encode()  # first, as in build_python: a bad id fails alike
+        obs = self._obs
+        if obs[0] is not observed:
+            obs = self._obs = (observed, dumps(observed))
+        mod = self._mod
+        if mod[0] is not modified:
+            mod = self._mod = (modified, dumps(modified))
+        eid, chash, rid, body = _envelope.build(
+            _NS_BYTES, self._prefix, name, dumps(remote_id),
+            _OP_JSON.get(op) or canonical_json(op), d, c, r,
+            self._mid, self._precision, obs[1], self._src, mod[1],
+        )  # fmt: skip
+        return _new_record(
+            rid, eid, self.entity_type, op, self.source, remote_id, observed, chash,
+            data, custom, remote_data, modified, self.precision, body,
+        )  # fmt: skip
+
+    # The builder every caller uses: C when compiled, else the reference.
+    build = build_python if _envelope is None else build_c
+
+
+def builder_implementation() -> str:
+    """``"c"`` when entity versions are built by ``agent._envelope``, else ``"python"``."""
+    return "c" if EntityBuilder.build is EntityBuilder.build_c else "python"
 
 
 @functools.lru_cache(maxsize=1024)

@@ -51,6 +51,7 @@ def test_package_metadata_and_contents(deb: Path) -> None:
     info = run("dpkg-deb", "-I", str(deb))
     assert "Package: edge-agent" in info
     assert "Depends: python3 (>= 3.11), python3 (<< 3.12)" in info
+    assert "libssl3 | libssl3t64" in info  # libcrypto, for the C record builder
     for script in ("postinst", "prerm", "postrm", "conffiles", "md5sums"):
         assert f" {script} " in info, info
     assert (
@@ -81,6 +82,9 @@ def test_package_metadata_and_contents(deb: Path) -> None:
     ):
         assert expected in paths, expected
     assert any(p.startswith("/opt/edge-agent/lib/python3.11/site-packages/agent/") for p in paths)
+    # build-deb refuses to package without the C record builder (unless told to).
+    site = "/opt/edge-agent/lib/python3.11/site-packages/agent/"
+    assert any(p.startswith(site + "_envelope.") and p.endswith(".so") for p in paths)
     owners = {line.split()[1] for line in listing.splitlines()}
     assert owners == {"root/root"}, owners
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -44,6 +45,7 @@ from agent.sources.base import SourceContext
 from agent.sources.mqtt import MqttConfig
 from agent.sources.mqtt.mapping import Mapper
 from agent.sources.sql import SqlSource, SqlSourceConfig
+from tests.helpers.builders import BUILDERS, using
 
 T0 = datetime(2026, 11, 22, 9, 0, 3, 120456, tzinfo=UTC)
 SAP = SourceRef("sap-prd", "sap_ecc", "plant-1000")
@@ -362,26 +364,35 @@ MQTT_GOLDEN: tuple[int, str] = (
 # ---------------------------------------------------------------------- tests
 
 
-def test_record_ids_hashes_and_envelopes_are_unchanged() -> None:
-    got = {name: fingerprint(rec) for name, rec in record_cases().items()}
+@pytest.mark.parametrize("builder", BUILDERS)
+def test_record_ids_hashes_and_envelopes_are_unchanged(builder: str) -> None:
+    with using(builder):
+        got = {name: fingerprint(rec) for name, rec in record_cases().items()}
     assert got == GOLDEN
 
 
-def test_full_envelopes_are_unchanged() -> None:
-    cases = record_cases()
+@pytest.mark.parametrize("builder", BUILDERS)
+def test_full_envelopes_are_unchanged(builder: str) -> None:
+    with using(builder):
+        cases = record_cases()
     for name, body in FULL.items():
         assert cases[name].to_json() == body
 
 
-def test_envelopes_equal_the_reference_encoding() -> None:
-    for rec in record_cases().values():
+@pytest.mark.parametrize("builder", BUILDERS)
+def test_envelopes_equal_the_reference_encoding(builder: str) -> None:
+    with using(builder):
+        cases = record_cases()
+    for rec in cases.values():
         assert rec.to_json() == reference_json(rec)
         assert rec.content_hash == reference_hash(rec.op, rec.data, rec.custom, rec.remote_data)
 
 
-async def test_sql_sync_envelopes_are_unchanged(tmp_path: Path) -> None:
+@pytest.mark.parametrize("builder", BUILDERS)
+async def test_sql_sync_envelopes_are_unchanged(tmp_path: Path, builder: str) -> None:
     for mapped in (False, True):
-        bodies = await sql_bodies(tmp_path / str(mapped), mapped)
+        with using(builder):
+            bodies = await sql_bodies(tmp_path / str(mapped), mapped)
         assert (len(bodies), digest(bodies)) == SQL_GOLDEN[str(mapped)]
 
 
