@@ -2,6 +2,9 @@
 
     python benchmarks/sql_initial_sync.py [--quick] [--rows N]
 
+The agent runs with the C record builder when it is compiled (``record_builder`` in the
+result says which); ``EDGE_AGENT_PURE_PYTHON=1`` measures the pure-Python one.
+
 Builds a private schema with N work orders (1M; 100k with --quick) in the PostgreSQL at
 127.0.0.1:5432 (db ``test``), then, each in its own process so peak RSS is its own:
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
 import sqlite3
 import subprocess
@@ -30,6 +34,7 @@ import time
 import uuid
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -156,17 +161,27 @@ def child(kind: str, schema: str, table: str) -> None:
         rows = asyncio.run(run(schema, table, Path(tmp)))
         elapsed = time.perf_counter() - began
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"rows": rows, "seconds": elapsed, "rss_mb": rss_mb}))
+    result = {"rows": rows, "seconds": elapsed, "rss_mb": rss_mb}
+    if kind == "agent":
+        from agent.records import builder_implementation  # noqa: PLC0415
+
+        result["builder"] = builder_implementation()
+    print(json.dumps(result))
 
 
-def spawn(kind: str, schema: str, table: str) -> dict[str, float]:
+def spawn(kind: str, schema: str, table: str) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, __file__, "--child", kind, "--schema", schema, "--table", table],
         check=False,
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        env={
+            "PYTHONPATH": str(ROOT),
+            "PATH": "/usr/bin:/bin",
+            # C or pure-Python record builder (agent/records.py): measure either.
+            "EDGE_AGENT_PURE_PYTHON": os.environ.get("EDGE_AGENT_PURE_PYTHON", ""),
+        },
     )
     if out.returncode != 0:
         sys.exit(f"{kind} run failed:\n{out.stderr[-3000:]}")
@@ -226,6 +241,7 @@ def main() -> None:
         "peak_rss_mb_small": round(agent_small["rss_mb"], 1),
         "small_rows": small,
         "rss_growth": round(agent["rss_mb"] / agent_small["rss_mb"], 3),
+        "record_builder": agent["builder"],
     }))  # fmt: skip
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -14,6 +15,7 @@ from agent import config as cfg
 from agent.errors import ConfigError
 from agent.outbox import Outbox
 from agent.sources.sql import SqlSourceConfig
+from tests.helpers.cancel import assert_stops_after_swallowed_cancel, swallowing
 from tests.sql.conftest import Backend, latest, make_source, outbox_records
 
 NOW = datetime(2026, 11, 20, 8, 0, 0)
@@ -224,3 +226,34 @@ async def test_maximo_rowstamp(pg: Backend, outbox: Outbox):
     assert recs["BEDFORD/1001"]["source"]["system"] == "maximo"
     assert recs["BEDFORD/1000"]["source_modified_at"] == "2026-11-20T13:00:00.000Z"
     assert len(outbox_records(outbox)) == 6
+
+
+async def test_a_stop_swallowed_inside_a_fetch_still_stops_the_sync(
+    tmp_path: Path, outbox: Outbox
+) -> None:
+    """Python 3.11's asyncio.wait_for (asyncmy's connect uses it) can return a result that
+    arrived as its task was cancelled and drop the cancellation. Here every fetch after
+    the first does that: the source must stop at the next chunk, not read the rest of the
+    table (200 chunks of 0.2 s) first."""
+    rows = [wo_row(i, NOW + timedelta(seconds=i)) for i in range(400)]
+    source = make_source(cmms_config(sqlite_cmms(tmp_path / "cmms.db", rows), chunk_size=2))
+    in_fetch = asyncio.Event()
+    real = source.db.fetch
+    calls = 0
+
+    async def fetch(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return await real(*args, **kwargs)
+        return await swallowing(lambda: real(*args, **kwargs), in_fetch)
+
+    source.db.fetch = fetch  # type: ignore[method-assign]
+    task = asyncio.create_task(source.run(outbox))
+    try:
+        await assert_stops_after_swallowed_cancel(task, in_fetch, "the SQL sync")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await source.aclose()
+    assert calls < 10, f"{calls} fetches: the sync read on after its stop"

@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo
 import orjson
 import structlog
 
+from agent import tasks
 from agent.outbox import Cursor, Quarantined
 from agent.records import Op, Record, entity_builder, format_time, iso_utc
 from agent.sources.base import Output
@@ -212,6 +213,9 @@ class EntitySync:
             while fetch is not None:
                 rows = await fetch
                 fetch = None
+                # A stop swallowed inside the driver (see agent.tasks) would otherwise
+                # read the rest of the table before the entity loop noticed it.
+                tasks.raise_if_cancelling()
                 if not rows:
                     break
                 last = rows[-1]
