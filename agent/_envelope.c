@@ -119,6 +119,7 @@ build(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     char eid[36], rid[36], chash[71];
     int has_remote;
 
+    (void)self;
     if (nargs != 13) {
         PyErr_Format(PyExc_TypeError, "build() takes 13 arguments (%zd given)", nargs);
         return NULL;
@@ -220,6 +221,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "agent._envelope",
     "EntityBuilder.build's hashing and splicing in C (see agent/records.py).", -1, methods,
+    NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC
