@@ -1,9 +1,9 @@
 /*
  * agent._envelope: the hashing and splicing of EntityBuilder.build in C (optional).
  *
- * What it computes is defined by agent/records.py: EntityBuilder.build there is the
- * reference, and tests/test_records.py holds this module to the same bytes (golden
- * envelopes and random inputs). The agent runs without this module (pure Python); with
+ * What it computes is defined by agent/records.py: splice_python there is the reference,
+ * with the same signature, and tests/test_records_builder.py and test_records_golden.py
+ * hold this module to the same bytes (golden envelopes and random inputs). The agent runs without this module (pure Python); with
  * it, building an entity version costs about a third as much (docs/sql-sources.md,
  * "Performance").
  *

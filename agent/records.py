@@ -33,8 +33,8 @@ MODEL_VERSION = 1
 _NS_BYTES = NS.bytes
 
 # The optional C builder (agent/_envelope.c, compiled at install when a C compiler and
-# OpenSSL's headers are there). EntityBuilder.build_python is the reference; the tests
-# hold the two to the same bytes. EDGE_AGENT_PURE_PYTHON=1 turns the C builder off.
+# OpenSSL's headers are there). splice_python below is the reference; the tests hold the
+# two to the same bytes. EDGE_AGENT_PURE_PYTHON=1 turns the C builder off.
 _envelope: Any
 try:
     from agent import _envelope
@@ -417,8 +417,8 @@ class EntityBuilder:
     """
 
     __slots__ = (
-        "_mid", "_mod", "_name", "_obs", "_precision", "_prefix", "_src", "entity_type",
-        "precision", "source",
+        "_mid", "_mod", "_obs", "_precision", "_prefix", "_src", "entity_type", "precision",
+        "source",
     )  # fmt: skip
 
     def __init__(self, source: SourceRef, entity_type: EntityType, precision: Precision) -> None:
@@ -427,7 +427,6 @@ class EntityBuilder:
         self.source, self.entity_type, self.precision = source, entity_type, precision
         dumps = orjson.dumps
         self._prefix = f"{source.name}:{entity_type}:".encode()
-        self._name = _NS_BYTES + self._prefix
         self._mid = b'","entity_type":' + (
             _TYPE_JSON.get(entity_type) or dumps(str(entity_type))
         ) + b',"id":"'  # fmt: skip
@@ -441,7 +440,7 @@ class EntityBuilder:
         self._obs: tuple[str | None, bytes] = (None, b"null")
         self._mod: tuple[str | None, bytes] = (None, b"null")
 
-    def build_python(  # noqa: PLR0917 - positional: the hot path of every SQL row
+    def build(  # noqa: PLR0917 - positional: the hot path of every SQL row
         self,
         remote_id: str,
         data: dict[str, Any],
@@ -451,67 +450,22 @@ class EntityBuilder:
         modified: str | None,
         observed: str,
     ) -> Record:
-        """One version; times already formatted by :func:`format_time` (the reference)."""
-        dumps = orjson.dumps
-        d = dumps(data, default=_default, option=_CANON)
-        c = dumps(custom, default=_default, option=_CANON) if custom else _EMPTY_OBJECT
-        r = None if remote_data is None else dumps(remote_data, default=_default, option=_CANON)
-        eid = _uuid5_text(_sha1(self._name + remote_id.encode()).hexdigest())
-        op_json = _OP_JSON.get(op) or canonical_json(op)
-        chash = _hash(op_json, d, c, _NULL if r is None else r)
-        rid = _uuid5_text(_sha1(_NS_BYTES + f"{eid}:{chash}".encode()).hexdigest())
-        obs = self._obs
-        if obs[0] is not observed:
-            obs = self._obs = (observed, dumps(observed))
-        mod = self._mod
-        if mod[0] is not modified:
-            mod = self._mod = (modified, dumps(modified))
-        body = b"".join(
-            (
-                b'{"content_hash":"', chash.encode(),
-                b'","custom":', c,
-                b',"data":', d,
-                b',"entity_id":"', eid.encode(), self._mid, rid.encode(), self._precision,
-                obs[1],
-                b',"op":', op_json,
-                b"" if r is None else b',"remote_data":', r or b"",
-                b',"remote_id":', dumps(remote_id),
-                self._src, mod[1],
-                b"}",
-            )
-        )  # fmt: skip
-        return _new_record(
-            rid, eid, self.entity_type, op, self.source, remote_id, observed, chash,
-            data, custom, remote_data, modified, self.precision, body,
-        )  # fmt: skip
+        """One version; times already formatted by :func:`format_time`.
 
-    def build_c(  # noqa: PLR0917 - as build_python
-        self,
-        remote_id: str,
-        data: dict[str, Any],
-        op: Op,
-        custom: dict[str, Any],
-        remote_data: dict[str, Any] | None,
-        modified: str | None,
-        observed: str,
-    ) -> Record:
-        """:meth:`build_python` with the hashes and the envelope done by ``agent._envelope``.
-
-        The JSON of ``data``, ``custom``, ``remote_data`` and ``remote_id`` still comes
-        from orjson, so both builders encode values alike; C only hashes and splices.
+        orjson encodes the values; :data:`_splice` (C or Python) hashes and splices.
         """
         dumps = orjson.dumps
         d = dumps(data, default=_default, option=_CANON)
         c = dumps(custom, default=_default, option=_CANON) if custom else _EMPTY_OBJECT
         r = None if remote_data is None else dumps(remote_data, default=_default, option=_CANON)
-        name = remote_id.encode()  # first, as in build_python: a bad id fails alike
+        name = remote_id.encode()
         obs = self._obs
         if obs[0] is not observed:
             obs = self._obs = (observed, dumps(observed))
         mod = self._mod
         if mod[0] is not modified:
             mod = self._mod = (modified, dumps(modified))
-        eid, chash, rid, body = _envelope.build(
+        eid, chash, rid, body = _splice(
             _NS_BYTES, self._prefix, name, dumps(remote_id),
             _OP_JSON.get(op) or canonical_json(op), d, c, r,
             self._mid, self._precision, obs[1], self._src, mod[1],
@@ -521,13 +475,56 @@ class EntityBuilder:
             data, custom, remote_data, modified, self.precision, body,
         )  # fmt: skip
 
-    # The builder every caller uses: C when compiled, else the reference.
-    build = build_python if _envelope is None else build_c
+
+def splice_python(  # noqa: PLR0917 - the signature of agent._envelope.build
+    ns: bytes,
+    prefix: bytes,
+    name: bytes,
+    remote_id_json: bytes,
+    op_json: bytes,
+    d: bytes,
+    c: bytes,
+    r: bytes | None,
+    mid: bytes,
+    precision: bytes,
+    obs_json: bytes,
+    src: bytes,
+    mod_json: bytes,
+) -> tuple[str, str, str, bytes]:
+    """``(entity_id, content_hash, id, envelope JSON)`` of an entity version (the reference).
+
+    ``agent._envelope.build`` (C) computes the same from the same arguments; the tests
+    hold the two to the same bytes.
+    """
+    eid = _uuid5_text(_sha1(ns + prefix + name).hexdigest())
+    chash = _hash(op_json, d, c, _NULL if r is None else r)
+    rid = _uuid5_text(_sha1(ns + f"{eid}:{chash}".encode()).hexdigest())
+    body = b"".join(
+        (
+            b'{"content_hash":"', chash.encode(),
+            b'","custom":', c,
+            b',"data":', d,
+            b',"entity_id":"', eid.encode(), mid, rid.encode(), precision,
+            obs_json,
+            b',"op":', op_json,
+            b"" if r is None else b',"remote_data":', r or b"",
+            b',"remote_id":', remote_id_json,
+            src, mod_json,
+            b"}",
+        )
+    )  # fmt: skip
+    return eid, chash, rid, body
+
+
+# What EntityBuilder.build hashes and splices with: C when compiled, else the reference.
+_splice: Callable[..., tuple[str, str, str, bytes]] = (
+    splice_python if _envelope is None else _envelope.build
+)
 
 
 def builder_implementation() -> str:
     """``"c"`` when entity versions are built by ``agent._envelope``, else ``"python"``."""
-    return "c" if EntityBuilder.build is EntityBuilder.build_c else "python"
+    return "python" if _splice is splice_python else "c"
 
 
 @functools.lru_cache(maxsize=1024)

@@ -19,27 +19,11 @@ from hypothesis import strategies as st
 
 from agent import records
 from agent.records import EntityBuilder, EntityType, Op, SourceRef, builder_implementation
+from tests.helpers import strategies
+from tests.helpers.builders import NOT_COMPILED, using
 
-needs_c = pytest.mark.skipif(
-    records._envelope is None,
-    reason="agent._envelope is not compiled (needs gcc and libssl-dev; pip install -e .)",
-)
-
-_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text()
-    | st.decimals(allow_nan=False, allow_infinity=False)
-    | st.datetimes(timezones=st.none() | st.just(UTC))
-)
-_values = st.recursive(
-    _scalars,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
-    max_leaves=8,
-)
-_dicts = st.dictionaries(st.text(), _values, max_size=5)
+needs_c = pytest.mark.skipif(records._envelope is None, reason=NOT_COMPILED)
+_dicts = strategies.dicts
 _times = st.none() | st.text(max_size=30)
 
 
@@ -89,7 +73,10 @@ def test_c_builder_equals_the_reference(
 ) -> None:
     builder = EntityBuilder(SourceRef(source, "sql", site), entity_type, precision)
     args = (remote_id, data, op, custom, remote, modified, observed)
-    assert _outcome(builder.build_c, *args) == _outcome(builder.build_python, *args)
+    with using("python"):
+        reference = _outcome(builder.build, *args)
+    with using("c"):
+        assert _outcome(builder.build, *args) == reference
 
 
 @needs_c
@@ -97,8 +84,11 @@ def test_c_builder_keeps_a_large_row_intact() -> None:
     builder = EntityBuilder(SourceRef("erp", "sap_ecc"), EntityType.WORK_ORDER, "day")
     data = {f"f{i}": "x" * 1000 + str(i) for i in range(200)} | {"n": Decimal("1.50")}
     at = datetime(2026, 11, 22, tzinfo=UTC).isoformat()
-    py = builder.build_python("000004711", data, Op.UPSERT, {"k": 1}, {"ROW": 2}, at, at)
-    c = builder.build_c("000004711", data, Op.UPSERT, {"k": 1}, {"ROW": 2}, at, at)
+    args = ("000004711", data, Op.UPSERT, {"k": 1}, {"ROW": 2}, at, at)
+    with using("python"):
+        py = builder.build(*args)
+    with using("c"):
+        c = builder.build(*args)
     assert c == py
     assert c.to_json() == py.to_json()
     assert len(c.to_json()) > 200_000

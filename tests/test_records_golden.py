@@ -45,6 +45,7 @@ from agent.sources.base import SourceContext
 from agent.sources.mqtt import MqttConfig
 from agent.sources.mqtt.mapping import Mapper
 from agent.sources.sql import SqlSource, SqlSourceConfig
+from tests.helpers import strategies
 from tests.helpers.builders import BUILDERS, using
 
 T0 = datetime(2026, 11, 22, 9, 0, 3, 120456, tzinfo=UTC)
@@ -401,22 +402,7 @@ def test_mqtt_envelopes_are_unchanged() -> None:
     assert (len(bodies), digest(bodies)) == MQTT_GOLDEN
 
 
-_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text()
-    | st.decimals(allow_nan=False, allow_infinity=False)
-    | st.binary(max_size=8)
-    | st.datetimes(timezones=st.none() | st.just(UTC))
-)
-_values = st.recursive(
-    _scalars,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
-    max_leaves=8,
-)
-_dicts = st.dictionaries(st.text(), _values, max_size=5)
+_dicts = strategies.dicts
 
 
 _times = st.none() | st.text() | st.datetimes(timezones=st.none() | st.just(UTC)) | st.dates()

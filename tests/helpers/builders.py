@@ -8,20 +8,21 @@ from contextlib import contextmanager
 import pytest
 
 from agent import records
-from agent.records import EntityBuilder
 
 BUILDERS = ["python", "c"]
 """Parametrize with these; :func:`using` skips "c" (visibly) where it is not compiled."""
 
+NOT_COMPILED = "agent._envelope is not compiled (needs gcc and libssl-dev; pip install -e .)"
+
 
 @contextmanager
 def using(name: str) -> Iterator[None]:
-    """Make ``EntityBuilder.build`` the ``name`` builder for the duration."""
+    """Build entity versions with the ``name`` builder for the duration."""
     if name == "c" and records._envelope is None:
-        pytest.skip("agent._envelope is not compiled (needs gcc and libssl-dev; pip install -e .)")
-    saved = EntityBuilder.build
-    EntityBuilder.build = EntityBuilder.build_c if name == "c" else EntityBuilder.build_python  # type: ignore[method-assign]
+        pytest.skip(NOT_COMPILED)
+    saved = records._splice
+    records._splice = records.splice_python if name == "python" else records._envelope.build
     try:
         yield
     finally:
-        EntityBuilder.build = saved  # type: ignore[method-assign]
+        records._splice = saved
