@@ -3,9 +3,9 @@
  *
  * What it computes is defined by agent/records.py: splice_python there is the reference,
  * with the same signature, and tests/test_records_builder.py and test_records_golden.py
- * hold this module to the same bytes (golden envelopes and random inputs). The agent runs without this module (pure Python); with
- * it, building an entity version costs about a third as much (docs/sql-sources.md,
- * "Performance").
+ * hold this module to the same bytes (golden envelopes and random inputs). The agent
+ * runs without this module (pure Python); with it, building an entity version costs
+ * about 40% as much (docs/sql-sources.md, "Performance").
  *
  * One function, build(), returns (entity_id, content_hash, id, envelope_json):
  *
