@@ -269,6 +269,14 @@ class MqttConfig(SourceConfig):
     batch_max_messages: int = Field(default=1000, ge=1)
     """Messages that arrived together are committed in one append (each acknowledged only
     after it returns); this bounds one such group."""
+    max_held_bytes: ByteSize = 64 * 1024 * 1024
+    """Most bytes (topic, payload and ~200 bytes of bookkeeping per message) held in memory
+    between a message's arrival and its commit: messages pile up there while a commit
+    waits, for example on a full outbox with ``when_full = "block"``. Beyond it a QoS 0
+    message is dropped, counted (``dropped_qos0_over_held_limit``) and logged: QoS 0 has
+    no flow control and no redelivery. QoS 1 messages are kept (the broker's flow control,
+    ``receive_maximum``, bounds them); size this above ``receive_maximum`` x your largest
+    messages. At least ``max_payload_bytes``."""
     tls: TlsConfig | None = None
     """TLS settings; absent means plain TCP."""
     subscriptions: list[SubscriptionConfig] = Field(min_length=1)
@@ -278,4 +286,6 @@ class MqttConfig(SourceConfig):
     def _check_backoff(self) -> MqttConfig:
         if self.reconnect_cap < self.reconnect_initial:
             raise ValueError("reconnect_cap must be at least reconnect_initial")
+        if self.max_held_bytes < self.max_payload_bytes:
+            raise ValueError("max_held_bytes must be at least max_payload_bytes")
         return self

@@ -110,6 +110,12 @@ class _Batch:
     bad: list[Quarantined] = field(default_factory=list)
     cursor: Cursor | None = None
     suppressed: int = 0
+    held: int = 0  # bytes counted against max_held_bytes until the batch is committed
+
+
+# What a held message costs beyond its topic and payload bytes (tuples, floats, list
+# slots), counted against max_held_bytes so many tiny messages are bounded too.
+HELD_OVERHEAD = 200
 
 
 @dataclass
@@ -117,16 +123,20 @@ class _Pipe:
     """Between paho's callback and the committer of one connection: batches, oldest first.
 
     ``on_message`` adds to the newest batch until it holds ``batch_max_messages``; the
-    committer takes the oldest. Nothing here stalls reading: the broker's flow control
-    (receive maximum, max_inflight_messages) bounds what is unacknowledged, and where a
-    broker sends more (mosquitto 2.0 was seen to), topic and payload bytes are lighter to
-    hold than paho's messages.
+    committer takes the oldest. The broker's flow control (receive maximum,
+    max_inflight_messages) bounds the unacknowledged QoS 1 messages; QoS 0 messages have
+    no such bound. ``held`` counts the bytes of everything received and not yet
+    committed; QoS 0 messages beyond ``max_held_bytes`` are dropped (see
+    ``MqttSource._on_message``).
     """
 
     batches: deque[_Batch] = field(default_factory=deque)
     ready: asyncio.Event = field(default_factory=asyncio.Event)  # a batch is waiting
     committing: bool = False
     closed: bool = False  # its session ended: a late message is left to redelivery
+    held: int = 0  # bytes of the messages received and not yet committed (HELD_OVERHEAD)
+    held_messages: int = 0
+    over_limit_logged: bool = False
 
     def open_batch(self, limit: int) -> _Batch:
         """The batch new messages go to (a new one when the newest is full)."""
@@ -156,6 +166,7 @@ class MqttSource(Source):
         self.clash_suspected = False
         self._short_streak = 0
         self._hold_acks = os.environ.get(TEST_HOLD_ACKS_ENV) == "1"
+        self._pipe: _Pipe | None = None  # the current connection's
 
     # ------------------------------------------------------------------ status
 
@@ -175,6 +186,10 @@ class MqttSource(Source):
             "last_message_at": self.last_message_at,
             "client_id_clash_suspected": self.clash_suspected,
             "counters": counters,
+            "held_bytes": 0 if self._pipe is None or self._pipe.closed else self._pipe.held,
+            "held_messages": (
+                0 if self._pipe is None or self._pipe.closed else self._pipe.held_messages
+            ),
             "input_problems": bad,
             "rbe_suppressed": self.mapper.rbe.suppressed,
             "sparkplug_sequence_gaps": self.mapper.sequence_gaps,
@@ -261,6 +276,7 @@ class MqttSource(Source):
 
     async def _session(self, out: Output) -> None:
         client, pipe = await self._client()
+        self._pipe = pipe
         try:
             async with client:
                 await self._connected(client, pipe, out)
@@ -412,14 +428,61 @@ class MqttSource(Source):
         if pipe.closed:
             return  # its session is over: not acknowledged, so the broker redelivers it
         now = time.time()
+        self.counters["received"] += 1
+        self.last_message_at = now
+        size = len(m._topic) + len(m.payload) + HELD_OVERHEAD
+        if pipe.held + size > self.cfg.max_held_bytes and pipe.held and self._over_limit(pipe, m):
+            return
         raw = (m._topic, m.payload, now)
         ack = (m.mid, m.qos)
         batch = pipe.open_batch(self.cfg.batch_max_messages)
         batch.raw.append(raw)
         batch.acks.append(ack)
-        self.counters["received"] += 1
-        self.last_message_at = now
+        batch.held += size
+        pipe.held += size
+        pipe.held_messages += 1
         pipe.ready.set()
+
+    def _over_limit(self, pipe: _Pipe, m: paho.MQTTMessage) -> bool:
+        """A message that takes the held bytes over ``max_held_bytes``; True: drop it.
+
+        QoS 0 has no flow control and no redelivery: the message is dropped, counted and
+        logged. A QoS 1 message is kept: the broker's flow control bounds those (the
+        agent's acknowledgements wait for the commit), and dropping one unacknowledged
+        would stall it until a reconnect. One warning per connection says the limit is
+        too small for the broker's receive maximum, or that the broker ignores it.
+        """
+        topic = m._topic.decode("utf-8", "replace")
+        if m.qos == 0:
+            self.counters["dropped_qos0_over_held_limit"] += 1
+            n = self.counters["dropped_qos0_over_held_limit"]
+            if n == 1 or n % 1000 == 0:
+                log.warning(
+                    "mqtt_qos0_dropped_over_held_limit",
+                    source=self.name,
+                    topic=topic,
+                    dropped=n,
+                    held_bytes=pipe.held,
+                    detail="QoS 0 messages arrive faster than they can be committed (is "
+                    "the outbox full?) and cannot be redelivered; use QoS 1 for data that "
+                    "must not be lost, or raise max_held_bytes",
+                )
+            return True
+        self.counters["qos1_held_over_limit"] += 1
+        if not pipe.over_limit_logged:
+            pipe.over_limit_logged = True
+            log.warning(
+                "mqtt_held_over_limit",
+                source=self.name,
+                topic=topic,
+                held_bytes=pipe.held,
+                max_held_bytes=self.cfg.max_held_bytes,
+                detail="QoS 1 messages received and not yet committed exceed max_held_bytes; "
+                "they are kept (the broker's flow control bounds them): raise "
+                "max_held_bytes above receive_maximum x message size, or lower "
+                "receive_maximum (or the broker ignores it)",
+            )
+        return False
 
     async def _map_batch(self, batch: _Batch) -> None:
         """Map a batch's messages in arrival order, in tight loops of ``MAP_SLICE`` messages
@@ -493,6 +556,8 @@ class MqttSource(Source):
             if batch.records or batch.bad or batch.cursor:
                 await out.append(batch.records, batch.cursor, quarantine=batch.bad)
             pipe.committing = False
+            pipe.held -= batch.held
+            pipe.held_messages -= len(batch.acks)
             self.counters["records"] += len(batch.records)
             self.counters["quarantined"] += len(batch.bad)
             self.counters["suppressed"] += batch.suppressed
