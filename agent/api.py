@@ -148,11 +148,21 @@ class AgentCollector(Collector):
         restarts = CounterMetricFamily(
             "edge_agent_source_restarts", "Source restarts", labels=["source"]
         )
+        # Inputs a source had to let go (MQTT QoS 0 over max_held_bytes): its own
+        # ``dropped_*`` counters, so monitoring sees loss the outbox never saw.
+        lost = CounterMetricFamily(
+            "edge_agent_source_inputs_dropped",
+            "Inputs dropped by a source before the outbox",
+            labels=["source", "reason"],
+        )
         for name, st in sources.items():
             up.add_metric([name, st.get("type", "")], 1 if st.get("state") in _OK_STATES else 0)
             records.add_metric([name], st.get("records", 0))
             restarts.add_metric([name], st.get("restarts", 0))
-        yield from (up, records, restarts)
+            for key, n in (st.get("counters") or {}).items():
+                if key.startswith("dropped_"):
+                    lost.add_metric([name, key.removeprefix("dropped_")], n)
+        yield from (up, records, restarts, lost)
 
     @staticmethod
     def _upstream(up: dict[str, Any]) -> Iterator[Metric]:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from agent.api import AgentCollector
 from agent.outbox import Outbox
 from agent.sources.mqtt import MqttSource
 from tests.helpers.mosquitto import Mosquitto
@@ -72,6 +73,11 @@ async def test_qos0_beyond_the_limit_is_dropped_and_counted(mosquitto: Mosquitto
         # ...and every message is accounted for: committed, held, or counted as dropped
         assert src.counters["committed_messages"] + held + dropped == n + 1
         assert src.counters["connects"] == 1
+        # monitoring sees the loss too (/metrics)
+        families = {m.name: m for m in AgentCollector._sources({"plant": src.status()})}
+        (sample,) = families["edge_agent_source_inputs_dropped"].samples
+        assert sample.labels == {"source": "plant", "reason": "qos0_over_held_limit"}
+        assert sample.value == dropped
         # the WAN comes back (the outbox has room again, as after a drain): what was held
         # is committed, and nothing more is dropped
         box.max_bytes = 1 << 30
