@@ -227,6 +227,8 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__envelope(void)
 {
+    PyObject *m;
+
 #if OPENSSL_VERSION_NUMBER >= 0x30000000L
     /* Fetched once: the legacy EVP_sha1() would look the implementation up per digest. */
     md_sha1 = EVP_MD_fetch(NULL, "SHA1", NULL);
@@ -240,5 +242,13 @@ PyInit__envelope(void)
         PyErr_SetString(PyExc_ImportError, "agent._envelope: OpenSSL has no SHA-1/SHA-256");
         return NULL;
     }
-    return PyModule_Create(&module);
+    m = PyModule_Create(&module);
+    /* ABI: records.py uses the module only when this matches what it expects, so a stale
+     * build left in a source tree is ignored rather than trusted. Bump it with any change
+     * to what build() takes or returns. */
+    if (m != NULL && PyModule_AddIntConstant(m, "ABI", 1) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

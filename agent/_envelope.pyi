@@ -1,5 +1,7 @@
 # Types of the optional C module built from agent/_envelope.c (see agent/records.py).
 
+ABI: int
+
 def build(
     ns: bytes,
     name_prefix: bytes,

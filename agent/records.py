@@ -35,10 +35,13 @@ _NS_BYTES = NS.bytes
 # The optional C builder (agent/_envelope.c, compiled at install when a C compiler and
 # OpenSSL's headers are there). splice_python below is the reference; the tests hold the
 # two to the same bytes. EDGE_AGENT_PURE_PYTHON=1 turns the C builder off.
+_ENVELOPE_ABI = 1  # what agent._envelope.build takes and returns (its ABI constant)
 _envelope: Any
 try:
     from agent import _envelope
 except ImportError:  # not compiled: the pure-Python builder does the same, slower
+    _envelope = None
+if getattr(_envelope, "ABI", None) != _ENVELOPE_ABI:  # a stale build: not trusted
     _envelope = None
 if os.environ.get("EDGE_AGENT_PURE_PYTHON", "").strip() not in {"", "0"}:
     _envelope = None

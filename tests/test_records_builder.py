@@ -119,3 +119,17 @@ def test_pure_python_can_be_forced() -> None:
     assert out.stdout.strip() == "python"
     expected = "python" if records._envelope is None else "c"
     assert builder_implementation() == expected
+
+
+@needs_c
+def test_a_stale_c_build_is_not_trusted() -> None:
+    """A compiled module of another ABI (left in a source tree after an update that
+    changed build()) is ignored: the reference builds the records."""
+    code = (
+        "import agent._envelope as e; e.ABI += 1; import agent.records as r; "
+        "print(r.builder_implementation())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ
+    )
+    assert out.stdout.strip() == "python"
