@@ -452,7 +452,6 @@ class MqttSource(Source):
         would stall it until a reconnect. One warning per connection says the limit is
         too small for the broker's receive maximum, or that the broker ignores it.
         """
-        topic = m._topic.decode("utf-8", "replace")
         if m.qos == 0:
             self.counters["dropped_qos0_over_held_limit"] += 1
             n = self.counters["dropped_qos0_over_held_limit"]
@@ -460,7 +459,7 @@ class MqttSource(Source):
                 log.warning(
                     "mqtt_qos0_dropped_over_held_limit",
                     source=self.name,
-                    topic=topic,
+                    topic=m._topic.decode("utf-8", "replace"),
                     dropped=n,
                     held_bytes=pipe.held,
                     detail="QoS 0 messages arrive faster than they can be committed (is "
@@ -474,7 +473,7 @@ class MqttSource(Source):
             log.warning(
                 "mqtt_held_over_limit",
                 source=self.name,
-                topic=topic,
+                topic=m._topic.decode("utf-8", "replace"),
                 held_bytes=pipe.held,
                 max_held_bytes=self.cfg.max_held_bytes,
                 detail="QoS 1 messages received and not yet committed exceed max_held_bytes; "
