@@ -18,6 +18,7 @@ from typing import Any
 
 from agent import __version__
 from agent import config as cfg
+from agent.configtypes import secret_value
 from agent.errors import ConfigError
 
 EXIT_USAGE = 2
@@ -87,11 +88,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(app.main(settings, file))
 
 
-def _outbox_path(args: argparse.Namespace) -> Path:
-    if args.db:
-        return Path(args.db)
-    settings, _, _ = _load(args.config)
-    return settings.outbox_path()
+def _outbox_target(args: argparse.Namespace) -> tuple[Path, int | None]:
+    """The outbox file and the configured byte budget (None: the config was not read).
+
+    The budget lives in the config, not in the file: ``--db`` alone still reads the
+    config when it can, so ``stats`` never shows the default budget for a configured one.
+    """
+    if not args.db:
+        settings, _, _ = _load(args.config)
+        return settings.outbox_path(), settings.outbox.max_bytes
+    try:
+        settings, _, _ = _load(args.config)
+    except ConfigError:
+        return Path(args.db), None
+    return Path(args.db), settings.outbox.max_bytes
 
 
 def cmd_outbox(args: argparse.Namespace) -> int:
@@ -99,7 +109,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     from agent.outbox import Outbox  # noqa: PLC0415
 
     try:
-        path = _outbox_path(args)
+        path, budget = _outbox_target(args)
     except ConfigError as exc:
         _print_problems(exc)
         return EXIT_USAGE
@@ -110,12 +120,14 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     async def go() -> Any:
         async with Outbox(path, integrity_check="off") as box:
             if args.action == "stats":
-                return (await box.stats()).as_dict()
+                stats = (await box.stats()).as_dict()
+                stats["max_bytes"] = budget  # None: unknown, the config was not read
+                return stats
             if args.action == "dead":
                 return await box.dead_letters(args.limit)
             if args.action == "quarantine":
                 return await box.quarantined(args.limit)
-            seqs = None if args.all else [int(s) for s in args.seq]
+            seqs = None if args.all else args.seq
             return {"requeued": await box.requeue_dead(seqs)}
 
     if args.action == "requeue" and not args.all and not args.seq:
@@ -134,7 +146,8 @@ def _print_stats(path: Path, s: dict[str, Any]) -> None:
     print(f"outbox          {path}")
     for cls in ("business", "reading"):
         print(f"{cls + ' rows':<16}{s['rows'][cls]:>12,}   {s['bytes'][cls]:>14,} bytes")
-    print(f"{'budget':<16}{s['total_bytes']:>12,} of {s['max_bytes']:,} bytes")
+    budget = "? (config not read)" if s["max_bytes"] is None else f"{s['max_bytes']:,}"
+    print(f"{'budget':<16}{s['total_bytes']:>12,} of {budget} bytes")
     print(f"{'oldest':<16}{'-' if age is None else f'{age:,.0f} s':>12}")
     print(f"{'dead letters':<16}{s['dead_letters']:>12,}")
     print(f"{'quarantined':<16}{s['quarantined']:>12,}")
@@ -158,12 +171,26 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _seq(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a dead-letter seq (a number, as `edge-agent outbox dead` lists)"
+        )
+    return int(text)
+
+
 def _api_url(args: argparse.Namespace) -> tuple[str, Any, Path]:
     from agent import ctl  # noqa: PLC0415
 
     file = cfg.config_path(args.config)
     if args.url and args.command == "status":
-        return args.url.rstrip("/"), None, file
+        # The token, when the config can be read (reads may need it); --url alone works
+        # for a user who cannot read the config, as long as reads are open.
+        try:
+            api = ctl.api_section(file)
+        except ctl.CtlError:
+            api = None
+        return args.url.rstrip("/"), api, file
     api = ctl.api_section(file)
     return (args.url or ctl.base_url(api.listen)).rstrip("/"), api, file
 
@@ -173,8 +200,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     from agent import ctl  # noqa: PLC0415
 
     try:
-        url, _, _ = _api_url(args)
-        status = ctl.fetch_status(url)
+        url, api, _ = _api_url(args)
+        status = ctl.fetch_status(url, secret_value(api.token) if api is not None else None)
     except ctl.CtlError as exc:
         return ctl.fail(exc)
     print(json.dumps(status, indent=2) if args.json else ctl.render_status(status))
@@ -197,14 +224,16 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return ctl.EXIT_OK
 
 
-def _add_ctl_commands(sub: Any) -> None:
+def _add_ctl_commands(sub: Any, config_opt: argparse.ArgumentParser) -> None:
     url_help = "local API base URL (default: from the config's api.listen)"
-    p = sub.add_parser("status", help="show the running agent's status")
+    p = sub.add_parser("status", parents=[config_opt], help="show the running agent's status")
     p.add_argument("--json", action="store_true", help="the raw status (with readiness) as JSON")
     p.add_argument("--url", help=url_help)
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("sync", help="ask the running agent for a manual or full sync")
+    p = sub.add_parser(
+        "sync", parents=[config_opt], help="ask the running agent for a manual or full sync"
+    )
     p.add_argument("source", help="source name, as in [sources.<name>]")
     p.add_argument("--entity", action="append", help="entity to sync (repeatable; default: all)")
     p.add_argument("--full", action="store_true", help="ignore the watermark: re-read everything")
@@ -294,11 +323,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="config file (default: $EDGE_AGENT_CONFIG or /etc/edge-agent/config.toml)"
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    # `edge-agent run --config FILE` works as `edge-agent --config FILE run` does:
+    # SUPPRESS keeps a sub-command's absent --config from hiding the global one.
+    config_opt = argparse.ArgumentParser(add_help=False)
+    config_opt.add_argument(
+        "--config", default=argparse.SUPPRESS, help="config file (as the global --config)"
+    )
 
-    p = sub.add_parser("run", help="run the agent in the foreground")
+    p = sub.add_parser("run", parents=[config_opt], help="run the agent in the foreground")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("check-config", help="validate a config file")
+    p = sub.add_parser("check-config", parents=[config_opt], help="validate a config file")
     p.add_argument("file", nargs="?", help="config file to check")
     p.add_argument("--explain", action="store_true", help="also print what each source will do")
     p.set_defaults(func=cmd_check_config)
@@ -319,15 +354,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1000, help="simulation seed")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("outbox", help="inspect the outbox: stats, dead letters, requeue")
+    p = sub.add_parser(
+        "outbox", parents=[config_opt], help="inspect the outbox: stats, dead letters, requeue"
+    )
     p.add_argument("action", choices=["stats", "dead", "requeue", "quarantine"])
-    p.add_argument("seq", nargs="*", help="dead-letter seqs to requeue")
+    p.add_argument("seq", nargs="*", type=_seq, help="dead-letter seqs to requeue")
     p.add_argument("--all", action="store_true", help="requeue every dead letter")
     p.add_argument("--db", help="outbox file (default: from the config)")
     p.add_argument("--limit", type=int, default=100, help="most rows to list")
     p.add_argument("--json", action="store_true", help="stats as JSON")
     p.set_defaults(func=cmd_outbox)
-    _add_ctl_commands(sub)
+    _add_ctl_commands(sub, config_opt)
     _receiver_parser(sub)
     return parser
 

@@ -4,7 +4,8 @@ Served inside the agent's own event loop with Starlette on uvicorn's ``Server`` 
 because the same stack serves the reference receiver, and Starlette's routing and test
 client are small and well kept). Binds 127.0.0.1 by default; the config refuses another
 address without a token. Every response carries ``X-Request-ID`` (the caller's, or a new
-one) and ``X-API-Version``. Mutations need ``Authorization: Bearer <api.token>``.
+one) and ``X-API-Version``. Mutations need ``Authorization: Bearer <api.token>``; so do
+reads (all but ``/healthz``) with ``api.require_token_for_reads``.
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ class AgentCollector(Collector):
         )
         yield c
         yield from self._sources(s.get("sources", {}))
+        yield from self._devices(s.get("sources", {}))
         yield from self._upstream(s.get("upstream", {}))
         yield GaugeMetricFamily(
             "edge_agent_uptime_seconds", "Seconds since start", value=s.get("uptime_seconds", 0)
@@ -165,6 +167,30 @@ class AgentCollector(Collector):
         yield from (up, records, restarts, lost)
 
     @staticmethod
+    def _devices(sources: dict[str, Any]) -> Iterator[Metric]:
+        """Per Modbus device: what a partly failing source hides in ``edge_agent_source_up``
+        (readiness stays 200 when one lift controller is off; alert on these instead)."""
+        labels = ["source", "device"]
+        up = GaugeMetricFamily("edge_agent_device_up", "1 when the device answers", labels=labels)
+        polls = CounterMetricFamily("edge_agent_device_polls", "Polls of the device", labels=labels)
+        failures = CounterMetricFamily(
+            "edge_agent_device_failures", "Failed polls of the device", labels=labels
+        )
+        overruns = CounterMetricFamily(
+            "edge_agent_device_overruns", "Poll slots skipped (poll overran)", labels=labels
+        )
+        for name, st in sources.items():
+            for device, d in (st.get("devices") or {}).items():
+                if not isinstance(d, dict):
+                    continue
+                key = [name, device]
+                up.add_metric(key, 0 if d.get("state") in {"offline", "disconnected"} else 1)
+                polls.add_metric(key, d.get("polls", 0))
+                failures.add_metric(key, d.get("failures", 0))
+                overruns.add_metric(key, d.get("overruns", 0))
+        yield from (up, polls, failures, overruns)
+
+    @staticmethod
     def _upstream(up: dict[str, Any]) -> Iterator[Metric]:
         c = CounterMetricFamily(
             "edge_agent_upstream_requests", "Upstream requests by answer", labels=["code"]
@@ -175,11 +201,14 @@ class AgentCollector(Collector):
         g = GaugeMetricFamily("edge_agent_upstream_up", "1 when the upstream accepts pushes")
         g.add_metric([], 1 if up.get("state") in {"ok", "idle", None} else 0)
         yield g
+        # The forwarder keeps these under "records" (they read 0 while looked up at the
+        # top level: a bug that hid every delivery from monitoring).
+        counts = up.get("records") or {}
         for key in ("sent", "accepted", "duplicates", "rejected"):
             yield CounterMetricFamily(
                 f"edge_agent_upstream_records_{key}",
                 f"Records {key} (upstream)",
-                value=up.get(key, 0),
+                value=counts.get(key, 0),
             )
 
 
@@ -244,29 +273,13 @@ def build_app(agent: Agent) -> Starlette:
     collector = AgentCollector(agent)
     registry.register(collector)
 
-    async def healthz(request: Request) -> Response:
-        return _Json({"status": "ok", "uptime_seconds": round(time.time() - agent.started_at, 1)})
-
-    async def readyz(request: Request) -> Response:
-        status = await agent.status()
-        reasons = readiness(status, agent.settings.api.ready_max_oldest_age)
-        body = {"ready": not reasons, "reasons": reasons, "warnings": readiness_warnings(status)}
-        return _Json(body, 200 if not reasons else 503)
-
-    async def status(request: Request) -> Response:
-        return _Json(await agent.status())
-
-    async def sync_status(request: Request) -> Response:
-        return _Json({"sources": agent.sync_status()})
-
-    async def metrics(request: Request) -> Response:
-        collector.snapshot = await agent.status()
-        return Response(
-            generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8"
-        )
-
-    async def sync(request: Request) -> Response:
-        token = secret_value(agent.settings.api.token)
+    def refused(request: Request, *, read: bool) -> Response | None:
+        """None when ``request`` may proceed; else the 401/403 answer. Reads are open
+        unless ``api.require_token_for_reads``; mutations always need the token."""
+        api = agent.settings.api  # read per request: a reloaded token applies at once
+        if read and not api.require_token_for_reads:
+            return None
+        token = secret_value(api.token)
         if token is None:
             return _error(
                 403,
@@ -277,6 +290,40 @@ def build_app(agent: Agent) -> Starlette:
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             return _error(401, "unauthorized", "missing or wrong bearer token", request)
+        return None
+
+    async def healthz(request: Request) -> Response:
+        return _Json({"status": "ok", "uptime_seconds": round(time.time() - agent.started_at, 1)})
+
+    async def readyz(request: Request) -> Response:
+        if (denied := refused(request, read=True)) is not None:
+            return denied
+        status = await agent.status()
+        reasons = readiness(status, agent.settings.api.ready_max_oldest_age)
+        body = {"ready": not reasons, "reasons": reasons, "warnings": readiness_warnings(status)}
+        return _Json(body, 200 if not reasons else 503)
+
+    async def status(request: Request) -> Response:
+        if (denied := refused(request, read=True)) is not None:
+            return denied
+        return _Json(await agent.status())
+
+    async def sync_status(request: Request) -> Response:
+        if (denied := refused(request, read=True)) is not None:
+            return denied
+        return _Json({"sources": agent.sync_status()})
+
+    async def metrics(request: Request) -> Response:
+        if (denied := refused(request, read=True)) is not None:
+            return denied
+        collector.snapshot = await agent.status()
+        return Response(
+            generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    async def sync(request: Request) -> Response:
+        if (denied := refused(request, read=False)) is not None:
+            return denied
         name = request.path_params["name"]
         try:
             body = orjson.loads(await request.body() or b"{}")
@@ -294,10 +341,13 @@ def build_app(agent: Agent) -> Starlette:
                 'expected {"entities": [names] (optional), "full": bool}',
                 request,
             )
+        if name not in agent.slots:
+            return _error(404, "unknown_source", f"no source named {name!r}", request)
         try:
             accepted = await agent.request_sync(name, entities, full)
-        except KeyError:
-            return _error(404, "unknown_source", f"no source named {name!r}", request)
+        except KeyError as exc:  # the source knows no such entity
+            message = str(exc.args[0]) if exc.args else "unknown entity"
+            return _error(404, "unknown_entity", f"source {name!r}: {message}", request)
         except (TypeError, ValueError) as exc:
             return _error(409, "sync_not_possible", str(exc), request)
         log.info(

@@ -121,6 +121,37 @@ class ReloadStatus:
     ok: bool | None = None
     error: str | None = None
     changed: list[str] = field(default_factory=list)
+    """Every key path that differs from the configuration that ran before."""
+    applied: list[str] = field(default_factory=list)
+    """The changes now in force (restarted sources, a new token, log level...)."""
+    restart_needed: list[str] = field(default_factory=list)
+    """The changes only a restart applies (``outbox.*``, ``agent.*``, ``api.listen``...)."""
+
+
+RESTART_ONLY = ("outbox", "agent", "api.enabled", "api.listen", "upstream.concurrency")
+"""Key paths (or whole sections) read only at start: a reload cannot apply them."""
+
+_LIVE_SECTIONS = ("agent", "logging", "outbox", "upstream", "api")
+
+
+def changed_keys(old: cfg.Settings, new: cfg.Settings) -> list[str]:
+    """Key paths that differ: ``sources.<name>`` per source, ``<section>.<key>`` else."""
+    keys = [
+        f"sources.{name}"
+        for name in sorted(set(old.sources) | set(new.sources))
+        if old.sources.get(name) != new.sources.get(name)
+    ]
+    for section in _LIVE_SECTIONS:
+        a, b = getattr(old, section), getattr(new, section)
+        keys += [
+            f"{section}.{key}" for key in type(a).model_fields if getattr(a, key) != getattr(b, key)
+        ]
+    return keys
+
+
+def needs_restart(key: str) -> bool:
+    """Whether a changed key path applies only at the next restart."""
+    return any(key == k or key.startswith(f"{k}.") for k in RESTART_ONLY)
 
 
 class Agent:
@@ -128,6 +159,7 @@ class Agent:
 
     def __init__(self, settings: cfg.Settings, config_file: Path | None = None) -> None:
         self.settings = settings
+        self.boot_settings = settings  # what a restart-only key still has in force
         self.config_file = config_file
         self.started_at = time.time()
         self.outbox = Outbox.from_config(settings.outbox, settings.agent.state_dir)
@@ -325,53 +357,46 @@ class Agent:
             return False
         for warning in warnings:
             log.warning("config_warning", detail=warning)
-        changed = self._apply(new)
+        self._apply(new)
         self.reload_status.ok = True
-        self.reload_status.changed = changed
-        log.info("config_reloaded", changed=changed)
+        log.info(
+            "config_reloaded",
+            applied=self.reload_status.applied,
+            restart_needed=self.reload_status.restart_needed,
+        )
         systemd.notify("READY=1", f"STATUS=running {len(self.slots)} sources")
         return True
 
     def _apply(self, new: cfg.Settings) -> list[str]:
         old = self.settings
         self.settings = new
-        changed: list[str] = []
-        for name in list(self.slots):
-            if name not in new.sources or new.sources[name] != old.sources.get(name):
-                changed.append(f"sources.{name}")
-        for name in new.sources:
-            if name not in old.sources:
-                changed.append(f"sources.{name}")
-        restart = [c.split(".", 1)[1] for c in changed]
+        changed = changed_keys(old, new)
+        restart = [c.split(".", 1)[1] for c in changed if c.startswith("sources.")]
         self._spawn(self._restart_sources(restart, new))
         if old.logging != new.logging:
             logs.configure(new.logging.level, new.logging.format)
         for hook in self.on_reload:
             hook(new)
-        for section in ("upstream", "logging", "api", "outbox", "agent"):
-            if getattr(old, section) != getattr(new, section):
-                changed.append(section)
-        self._warn_restart_needed(old, new)
-        return changed
-
-    @staticmethod
-    def _warn_restart_needed(old: cfg.Settings, new: cfg.Settings) -> None:
-        """Say which changes only a restart applies (the rest is applied live)."""
-        keys = [f"outbox.{k}" for k in type(old.outbox).model_fields]
-        keys += [f"agent.{k}" for k in type(old.agent).model_fields]
-        keys += ["api.enabled", "api.listen"]
-        pending = [
-            k
-            for k in keys
-            if getattr(getattr(old, k.split(".")[0]), k.split(".")[1])
-            != getattr(getattr(new, k.split(".")[0]), k.split(".")[1])
-        ]
+        status = self.reload_status
+        status.changed = changed
+        status.applied = [k for k in changed if not needs_restart(k)]
+        status.restart_needed = [k for k in changed if needs_restart(k)]
+        pending = self.restart_needed()
         if pending:
             log.warning(
                 "config_change_needs_restart",
                 keys=pending,
                 detail="applied at the next restart: systemctl restart edge-agent",
             )
+        return changed
+
+    def restart_needed(self) -> list[str]:
+        """Changes made since start that only a restart applies (empty when none).
+
+        Compared with the configuration the agent started with, so a change reverted by
+        a later reload needs no restart any more.
+        """
+        return [k for k in changed_keys(self.boot_settings, self.settings) if needs_restart(k)]
 
     async def _restart_sources(self, names: list[str], new: cfg.Settings) -> None:
         await self._stop_sources([n for n in names if n in self.slots])
@@ -418,7 +443,10 @@ class Agent:
                 "ok": self.reload_status.ok,
                 "error": self.reload_status.error,
                 "changed": self.reload_status.changed,
+                "applied": self.reload_status.applied,
+                "restart_needed": self.reload_status.restart_needed,
             },
+            "restart_needed": self.restart_needed(),
         }
 
 

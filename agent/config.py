@@ -71,6 +71,16 @@ class ApiSection(Section):
     """File holding the API token."""
     ready_max_oldest_age: Duration = 3600.0
     """/readyz reports not ready when the oldest undelivered record is older than this."""
+    require_token_for_reads: bool = False
+    """Reads (``/readyz``, ``/v1/status``, ``/v1/sync-status``, ``/metrics``) need the
+    bearer token too; ``/healthz`` stays open for liveness probes (it tells nothing but
+    "the loop turns"). ``edge-agent status`` sends the token from this file."""
+
+    @model_validator(mode="after")
+    def _reads_need_a_token(self) -> ApiSection:
+        if self.require_token_for_reads and self.token is None:
+            raise ValueError("require_token_for_reads needs api.token or api.token_file")
+        return self
 
     @model_validator(mode="after")
     def _token_beyond_loopback(self) -> ApiSection:

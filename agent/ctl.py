@@ -112,13 +112,21 @@ def _api_error(resp: httpx.Response) -> str:
 # ---------------------------------------------------------------------------- status
 
 
-def fetch_status(url: str) -> dict[str, Any]:
-    """``/v1/status`` plus ``readiness`` (the ``/readyz`` answer)."""
-    resp = _request("GET", f"{url}/v1/status")
+def fetch_status(url: str, token: str | None = None) -> dict[str, Any]:
+    """``/v1/status`` plus ``readiness`` (the ``/readyz`` answer). ``token`` is sent when
+    given (needed with ``api.require_token_for_reads``)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    resp = _request("GET", f"{url}/v1/status", headers=headers)
+    if resp.status_code == 401:
+        raise CtlError(
+            "the agent requires the API token for reads and refused this one (401): "
+            "api.token / api.token_file in this config differs from the running agent's",
+            EXIT_AUTH,
+        )
     if resp.status_code != 200:
         raise CtlError(f"status: {_api_error(resp)}", EXIT_REFUSED)
     status: dict[str, Any] = resp.json()
-    ready = _request("GET", f"{url}/readyz")
+    ready = _request("GET", f"{url}/readyz", headers=headers)
     status["readiness"] = ready.json() if ready.status_code in {200, 503} else None
     return status
 
@@ -166,14 +174,7 @@ def render_status(s: dict[str, Any]) -> str:
             "          ! records are built in pure Python (the C builder agent._envelope is "
             "not installed): large SQL syncs run slower"
         )
-    rl = s.get("reload") or {}
-    if rl.get("at") is not None:
-        what = (
-            f"applied (changed: {', '.join(rl['changed']) or 'nothing'})"
-            if rl.get("ok")
-            else f"REFUSED, old config still running: {_one_line(rl.get('error'), 200)}"
-        )
-        lines.append(f"reload    {_when(rl['at'])}: {what}")
+    lines.extend(_reload_lines(s))
     lines.append("")
     rows = [("SOURCE", "TYPE", "STATE", "RECORDS", "RESTARTS", "LAST ERROR")]
     for name, st in sorted(s.get("sources", {}).items()):
@@ -198,6 +199,27 @@ def render_status(s: dict[str, Any]) -> str:
     lines.extend(_upstream_lines(s.get("upstream")))
     lines.extend(_outbox_lines(s.get("outbox", {})))
     return "\n".join(lines)
+
+
+def _reload_lines(s: dict[str, Any]) -> list[str]:
+    """What the last reload did, and what still waits for a restart."""
+    lines: list[str] = []
+    rl = s.get("reload") or {}
+    if rl.get("at") is not None:
+        if rl.get("ok"):
+            applied = rl.get("applied", rl.get("changed")) or []
+            what = f"applied: {', '.join(applied) or 'nothing changed'}"
+            if rl.get("restart_needed"):
+                what += f"; needs a restart: {', '.join(rl['restart_needed'])}"
+        else:
+            what = f"REFUSED, old config still running: {_one_line(rl.get('error'), 200)}"
+        lines.append(f"reload    {_when(rl['at'])}: {what}")
+    if pending := s.get("restart_needed"):
+        lines.append(
+            f"          ! RESTART NEEDED to apply: {', '.join(pending)} "
+            "(systemctl restart edge-agent)"
+        )
+    return lines
 
 
 def _upstream_lines(up: dict[str, Any] | None) -> list[str]:

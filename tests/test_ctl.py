@@ -221,7 +221,7 @@ def test_render_status_shows_errors_upstream_drops_and_dead_letters() -> None:
     lines = text.splitlines()
     assert lines[0] == "agent     gw1  edge-agent 0.1.0  up 1h2m5s  NOT READY"
     assert lines[1] == "          - upstream is retrying: 503"
-    assert lines[2] == "reload    1m ago: applied (changed: sources.a)"
+    assert lines[2] == "reload    1m ago: applied: sources.a"
     row_a = next(line for line in lines if line.startswith("a "))
     assert row_a.split()[:5] == ["a", "mqtt", "failed", "1,200", "3"]
     assert row_a.endswith("ConnectionRefusedError: [Errno 111] refused (5s ago)")
