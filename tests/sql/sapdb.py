@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Column, Float, MetaData, Numeric, String, Table, insert
+from sqlalchemy import Column, Float, MetaData, Numeric, String, Table, delete, insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agent.sources.sql.profiles.sap_tables import _COLUMNS
@@ -18,7 +19,9 @@ LENGTHS = {
     "TXT04": 4, "TXT30": 30, "POINT": 12, "MPOBJ": 22, "PSORT": 20, "PTTXT": 40, "MSEHI": 3,
     "LVORM": 1, "MDOCM": 20, "RECDU": 3, "CANCL": 1, "MATNR": 18, "MTART": 4, "MATKL": 9,
     "MEINS": 3, "MAKTX": 40, "LGORT": 4, "EBELN": 10, "BUKRS": 4, "BSTYP": 1, "BSART": 4,
-    "LIFNR": 10, "EKORG": 4, "WAERS": 5, "EBELP": 5, "TXZ01": 40,
+    "LIFNR": 10, "EKORG": 4, "WAERS": 5, "EBELP": 5, "TXZ01": 40, "MANDANT": 3,
+    "OBJECTCLAS": 15, "OBJECTID": 90, "CHANGENR": 10, "USERNAME": 12, "TCODE": 20,
+    "CHANGE_IND": 1,
 }  # fmt: skip
 DATES = {"ERDAT", "AEDAT", "INBDT", "DATBI", "GSTRP", "GLTRP", "QMDAT", "STRMN", "LTRMN",
          "UDATE", "IDATE", "ERSDA", "LAEDA", "BEDAT"}  # fmt: skip
@@ -35,6 +38,7 @@ KEYS = {
     "IMPTT": ("MANDT", "POINT"), "IMRG": ("MANDT", "MDOCM"), "MARA": ("MANDT", "MATNR"),
     "MAKT": ("MANDT", "MATNR", "SPRAS"), "MARD": ("MANDT", "MATNR", "WERKS", "LGORT"),
     "EKKO": ("MANDT", "EBELN"), "EKPO": ("MANDT", "EBELN", "EBELP"),
+    "CDHDR": ("MANDANT", "OBJECTCLAS", "OBJECTID", "CHANGENR"),
 }  # fmt: skip
 
 # System status texts (TJ02T, language E) used by the fixtures.
@@ -92,8 +96,9 @@ class SapDb:
     def row(self, table: str, values: dict[str, Any]) -> dict[str, Any]:
         """A full row: defaults for every column, MANDT = the client."""
         out = {c: _default(c) for c in _COLUMNS[table]}
-        if "MANDT" in out:
-            out["MANDT"] = self.client
+        for client in ("MANDT", "MANDANT"):  # CDHDR names its client column MANDANT
+            if client in out:
+                out[client] = self.client
         out.update(values)
         return out
 
@@ -139,4 +144,58 @@ class SapDb:
         if status:
             await self.insert("JEST", *[{"MANDT": client, "OBJNR": objnr, "STAT": s,
                                          "CHGNR": "001"} for s in status])  # fmt: skip
+        return objnr
+
+    async def set_status(
+        self, objnr: str, stat: str, chgnr: str, at: datetime, *, active: bool = True
+    ) -> None:
+        """Set (``active``) or revoke a system status as SAP does: JEST holds the current
+        state (INACT X when revoked, CHGNR the latest change), JCDS one row per change."""
+        jest = self.table("JEST")
+        inact = "" if active else "X"
+        current = {"OBJNR": objnr, "STAT": stat, "INACT": inact, "CHGNR": chgnr}
+        change = {**current, "UDATE": at.strftime("%Y%m%d"), "UTIME": at.strftime("%H%M%S")}
+        mine = (jest.c.MANDT == self.client, jest.c.OBJNR == objnr, jest.c.STAT == stat)
+        async with self.engine.begin() as conn:
+            await conn.execute(delete(jest).where(*mine))
+            await conn.execute(insert(jest), [self.row("JEST", current)])
+            await conn.execute(insert(self.table("JCDS")), [self.row("JCDS", change)])
+
+    async def change_document(
+        self, objectclas: str, objectid: str, changenr: str, at: datetime, *, client: str = ""
+    ) -> None:
+        """A CDHDR row, as SAP's update task writes it after a change of the object."""
+        row = {
+            "MANDANT": client or self.client,
+            "OBJECTCLAS": objectclas,
+            "OBJECTID": objectid,
+            "CHANGENR": changenr,
+            "USERNAME": "JDOE",
+            "UDATE": at.strftime("%Y%m%d"),
+            "UTIME": at.strftime("%H%M%S"),
+            "TCODE": "IE02",
+            "CHANGE_IND": "U",
+        }
+        await self.insert("CDHDR", row)
+
+    def order_objectid(self, aufnr: str) -> str:
+        """An ORDER change document's OBJECTID: five characters, then AUFNR (SAP's CDS view
+        reads AUFNR at offset 6; what the five hold is not documented: client + 'OR' here)."""
+        return f"{self.client}OR{aufnr}"
+
+    async def equipment(self, equnr: str, *, text: str = "Lift", tplnr: str = "",
+                        aedat: str = "00000000", erdat: str = "20260101",
+                        status: tuple[str, ...] = ("I0100",)) -> str:  # fmt: skip
+        """A piece of equipment (EQUI+EQKT, an open EQUZ time segment with its ILOA)."""
+        objnr = f"IE{equnr}"
+        iloan = f"E{equnr[-11:]}"
+        await self.insert("EQUI", {"EQUNR": equnr, "ERDAT": erdat, "AEDAT": aedat,
+                                   "EQTYP": "M", "OBJNR": objnr})  # fmt: skip
+        await self.insert("EQKT", {"EQUNR": equnr, "SPRAS": "E", "EQKTX": text})
+        await self.insert("EQUZ", {"EQUNR": equnr, "DATBI": "99991231", "EQLFN": "001",
+                                   "ILOAN": iloan, "IWERK": "1000"})  # fmt: skip
+        await self.insert("ILOA", {"ILOAN": iloan, "TPLNR": tplnr, "SWERK": "1000"})
+        if status:
+            await self.insert("JEST", *[{"OBJNR": objnr, "STAT": s, "CHGNR": "001"}
+                                        for s in status])  # fmt: skip
         return objnr

@@ -78,6 +78,10 @@ class FieldMapping(Section):
     """Include the raw row as ``remote_data``."""
 
 
+CHANGE_DOCUMENT_ENTITIES = ("assets", "locations", "work_orders", "notifications")
+"""``sap_ecc`` entities with SAP change documents (CDHDR object classes)."""
+
+
 class EntityConfig(Section):
     """One declarative entity (``[sources.<name>.entities.<entity>]``)."""
 
@@ -158,6 +162,11 @@ class SqlSourceConfig(SourceConfig):
     """Time zone of the database's local times (SAP server time), e.g. ``Europe/Berlin``."""
     entities: dict[str, EntityConfig] = Field(default_factory=dict)
     """Declarative profile: the entities to read (see docs/sql-sources.md)."""
+    change_documents: bool | list[str] = False
+    """``sap_ecc``: also read SAP change documents (CDHDR) as a feed: ``true`` for every
+    entity that has them (assets, locations, work_orders, notifications) or a list of
+    them. Needs SELECT on CDHDR and, on a large CDHDR, an index on (MANDANT, OBJECTCLAS,
+    UDATE); docs/sql-sources.md says what they catch and what a site must have."""
     include: list[str] | None = None
     """Built-in profiles: read only these entities (default: all of the profile)."""
     interval: Duration = 900.0
@@ -218,4 +227,19 @@ class SqlSourceConfig(SourceConfig):
             raise ValueError(
                 f"include: unknown entities {unknown}; {self.profile} has {list(known)}"
             )
+        self._check_change_documents()
         return self
+
+    def _check_change_documents(self) -> None:
+        wanted = self.change_documents
+        if wanted is False or wanted == []:
+            return
+        if self.profile != "sap_ecc":
+            raise ValueError(f"'change_documents' is for profile 'sap_ecc', not {self.profile!r}")
+        if isinstance(wanted, list):
+            unknown = sorted(set(wanted) - set(CHANGE_DOCUMENT_ENTITIES))
+            if unknown:
+                raise ValueError(
+                    f"change_documents: no change documents for {unknown}; "
+                    f"entities with them: {list(CHANGE_DOCUMENT_ENTITIES)}"
+                )

@@ -64,6 +64,15 @@ class Feed:
     snapshot: bool = False
     """No usable change column: every pass reads the whole feed (unchanged rows are
     skipped by content hash)."""
+    day: ColumnElement[Any] | None = None
+    """For a ``sap_datetime`` ``mod`` that concatenates a date and a time column (SAP
+    ``UDATE || UTIME``): the date column alone. Chunk queries also filter on it, so an
+    index on the date (CDHDR, JCDS) narrows the scan; the concatenation alone cannot
+    use one."""
+    trigger: bool = False
+    """The feed only re-reads rows another feed of the entity also reads in full (change
+    documents, status changes): a full pass reads it from its watermark, not from the
+    start of its history."""
 
 
 Enricher = Callable[[Sequence[Row]], Awaitable[Any]]
@@ -123,6 +132,8 @@ def chunk_query(feed: Feed, after: Watermark | None, limit: int) -> Select[Any]:
             sel = sel.where(feed.mod >= m)
         else:
             sel = sel.where(feed.mod >= m, or_(feed.mod > m, keys_after(feed.keys, after.key)))
+        if feed.day is not None and isinstance(m, str) and len(m) >= 8:
+            sel = sel.where(feed.day >= m[:8])
     return sel.order_by(feed.mod, *feed.keys).limit(limit)
 
 

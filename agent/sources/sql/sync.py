@@ -188,7 +188,7 @@ class EntitySync:
 
     def _start(self, feed: Feed, full: bool) -> Watermark:
         mark = self.marks.get(feed.name)
-        if full or feed.snapshot:
+        if (full and not feed.trigger) or feed.snapshot:
             return Watermark(None, None)
         if mark is None or mark.mod is None:
             floor = window_start(feed.kind, self.config.initial_window, self.tz, aware=False)

@@ -17,9 +17,12 @@ purchase_orders purchase_order        EKKO, EKPO (lines)
 
 Change detection: ``max(AEDAT, ERDAT)`` (day precision, re-read with one day of overlap
 and deduplicated by content hash) plus, for status-managed objects, the status change
-documents JCDS (``UDATE``/``UTIME``), so a status-only change is seen although AEDAT did
-not move. Deletion: ``LOEKZ``/``LVORM``/``CANCL`` flags or the system status DLFL give
-``op = delete``; hard deletes are found by key reconciliation.
+documents JCDS (``UDATE``/``UTIME``; a status set and a status revoked are both rows), so
+a status-only change is seen although AEDAT did not move; with ``change_documents`` on,
+the change document headers CDHDR too, which name objects whose child tables (EQKT,
+EQUZ/ILOA, AFIH, QMIH) changed. Deletion: ``LOEKZ``/``LVORM``/``CANCL`` flags or the
+system status DLFL give ``op = delete``, and clearing them an upsert again; hard deletes
+are found by reconciliation (the table in docs/sql-sources.md).
 """
 
 from __future__ import annotations
@@ -28,7 +31,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import ColumnElement, FromClause, and_, case, or_, select
+from sqlalchemy import ColumnElement, FromClause, String, and_, case, or_, select
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import GenericFunction
 
 from agent.records import EntityType, Op, format_time
 from agent.sources.sql.config import SqlSourceConfig
@@ -45,9 +51,31 @@ from agent.sources.sql.profiles.sap_tables import (
 )
 
 DAY = 86400.0
-STATUS_OVERLAP = 3600.0  # update tasks commit JCDS rows a little after their UTIME
+# Update tasks commit JCDS and CDHDR rows a little after their UDATE/UTIME: re-read
+# the last hour on every pass.
+STATUS_OVERLAP = 3600.0
 IN_BATCH = 500  # IN-list size (SQL Server allows 2100 parameters)
 DLFL = "I0076"
+
+CHANGE_DOCUMENT_CLASSES = {"assets": "EQUI", "locations": "IFLO", "work_orders": "ORDER",
+                           "notifications": "QMEL"}  # fmt: skip
+"""CDHDR object class per entity (docs/sql-sources.md says where each comes from)."""
+ORDER_ID_START, ORDER_ID_LENGTH = 6, 12
+"""Where AUFNR sits in an ORDER change document's OBJECTID: SAP's released CDS view
+I_MaintOrdChangeDocumentDEX joins ``substring(ObjectID, 6, 12)`` to the order number."""
+
+
+class substr(GenericFunction[str]):
+    """``SUBSTR(text, start, length)``; SQL Server spells it ``SUBSTRING``."""
+
+    type = String()
+    inherit_cache = True
+
+
+@compiles(substr, "mssql")
+def _substring(element: substr, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"SUBSTRING({compiler.process(element.clauses, **kw)})"
+
 
 # Unified status from SAP system statuses (internal codes, language-independent),
 # first match wins.
@@ -123,6 +151,10 @@ class _Builder:
     def __init__(self, config: SqlSourceConfig, db: Database) -> None:
         self.t = Tables(config.db_schema)
         self.client = config.client
+        wanted = config.change_documents
+        self.change_documents = (
+            set(CHANGE_DOCUMENT_CLASSES) if wanted is True else set(wanted or ())
+        )
         self.lang = config.language
         self.tz = ZoneInfo(config.timezone)
         self.status = StatusLookup(db, self.t, config.client, config.language)
@@ -141,11 +173,15 @@ class _Builder:
         keys: tuple[ColumnElement[Any], ...],
         objnr: ColumnElement[Any] | None,
         mandt: ColumnElement[Any],
+        documents: ColumnElement[bool] | None = None,
     ) -> tuple[Feed, ...]:
-        """The AEDAT feed, and the JCDS feed when the object is status-managed."""
+        """The AEDAT feed; the JCDS feed when the object is status-managed; the CDHDR
+        feed when change documents are on (``documents``: how a CDHDR row names it)."""
         base = select(*cols).select_from(joined).where(*where)
         feeds = [Feed("changes", base, mod, keys, "sap_date", DAY)]
         if objnr is not None:
+            # Every JCDS row is a change, a status set (INACT blank) or revoked (INACT X):
+            # either re-reads the object, whose active set then comes from JEST.
             jc = self.t.JCDS
             on = and_(mandt == jc.c.MANDT, objnr == jc.c.OBJNR)
             status = select(*cols).select_from(joined.join(jc, on)).where(*where)
@@ -157,9 +193,41 @@ class _Builder:
                     (jc.c.OBJNR, jc.c.STAT, jc.c.CHGNR),
                     "sap_datetime",
                     STATUS_OVERLAP,
+                    day=jc.c.UDATE,
+                    trigger=True,
+                )
+            )
+        if documents is not None:
+            cd = self.t.CDHDR
+            on = and_(mandt == cd.c.MANDANT, documents)
+            changed = (
+                select(*cols)
+                .select_from(joined.join(cd, on))
+                .where(*where, cd.c.MANDANT == self.client)
+            )
+            feeds.append(
+                Feed(
+                    "change_documents",
+                    changed,
+                    cd.c.UDATE.concat(cd.c.UTIME),
+                    (cd.c.OBJECTID, cd.c.CHANGENR),
+                    "sap_datetime",
+                    STATUS_OVERLAP,
+                    day=cd.c.UDATE,
+                    trigger=True,
                 )
             )
         return tuple(feeds)
+
+    def documents(self, entity: str, key: ColumnElement[Any]) -> ColumnElement[bool] | None:
+        """How a CDHDR row names an object of ``entity`` (None: change documents off)."""
+        if entity not in self.change_documents:
+            return None
+        cd = self.t.CDHDR
+        objectid: ColumnElement[Any] = cd.c.OBJECTID
+        if entity == "work_orders":
+            objectid = substr(objectid, ORDER_ID_START, ORDER_ID_LENGTH)
+        return and_(cd.c.OBJECTCLAS == CHANGE_DOCUMENT_CLASSES[entity], objectid == key)
 
     def spec(  # noqa: PLR0917 - each entity reads as one row of arguments
         self,
@@ -185,8 +253,9 @@ class _Builder:
             )
         else:
             feeds = self.feeds(
-                cols=cols, joined=joined, where=where, mod=mod, keys=keys, objnr=objnr, mandt=mandt
-            )
+                cols=cols, joined=joined, where=where, mod=mod, keys=keys, objnr=objnr,
+                mandt=mandt, documents=self.documents(name, keys[0]),
+            )  # fmt: skip
         if enrich is None and objnr is not None:
             enrich = self.status
         return EntitySpec(
@@ -370,9 +439,10 @@ def readings(b: _Builder) -> EntitySpec:
         op = Op.DELETE if flag(row["CANCL"]) else Op.UPSERT
         return Mapped(str(row["MDOCM"]).rstrip(), data, op, _modified(row, b.tz))
 
+    # A cancellation sets CANCL and AEDAT, not ERDAT: without AEDAT it was never seen.
     return b.spec(
         "readings", EntityType.METER_READING, cols, joined, [r.c.MANDT == b.client],
-        (r.c.MDOCM,), r.c.ERDAT, mapper, mandt=r.c.MANDT,
+        (r.c.MDOCM,), b.changed(r.c.ERDAT, r.c.AEDAT), mapper, mandt=r.c.MANDT,
     )  # fmt: skip
 
 

@@ -32,7 +32,8 @@ _COLUMNS: dict[str, tuple[str, ...]] = {
     "JCDS": ("MANDT", "OBJNR", "STAT", "CHGNR", "UDATE", "UTIME", "INACT", "USNAM"),
     "TJ02T": ("ISTAT", "SPRAS", "TXT04", "TXT30"),
     "IMPTT": ("MANDT", "POINT", "MPOBJ", "PSORT", "PTTXT", "MSEHI", "ERDAT", "AEDAT", "LVORM"),
-    "IMRG": ("MANDT", "MDOCM", "POINT", "IDATE", "ITIME", "READG", "RECDU", "ERDAT", "CANCL"),
+    "IMRG": ("MANDT", "MDOCM", "POINT", "IDATE", "ITIME", "READG", "RECDU", "ERDAT", "AEDAT",
+             "CANCL"),
     "MARA": ("MANDT", "MATNR", "MTART", "MATKL", "MEINS", "ERSDA", "LAEDA", "LVORM"),
     "MAKT": ("MANDT", "MATNR", "SPRAS", "MAKTX"),
     "MARD": ("MANDT", "MATNR", "WERKS", "LGORT", "LABST", "INSME", "SPEME", "LVORM"),
@@ -40,6 +41,10 @@ _COLUMNS: dict[str, tuple[str, ...]] = {
              "WAERS", "BEDAT"),
     "EKPO": ("MANDT", "EBELN", "EBELP", "LOEKZ", "AEDAT", "TXZ01", "MATNR", "WERKS", "LGORT",
              "MENGE", "MEINS", "NETPR", "PEINH"),
+    # Change document headers. The client column is MANDANT, not MANDT. Only the header
+    # is read: CDPOS (the items) is a cluster table (CDCLS) in ECC, not readable by SQL.
+    "CDHDR": ("MANDANT", "OBJECTCLAS", "OBJECTID", "CHANGENR", "USERNAME", "UDATE", "UTIME",
+              "TCODE", "CHANGE_IND"),
 }  # fmt: skip
 
 NO_DATE = "00000000"
