@@ -15,6 +15,7 @@ import gzip
 import ssl
 import time
 import uuid
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -55,6 +56,12 @@ class UpstreamConfig(Section):
     """Time allowed to open a connection."""
     read_timeout: Duration = 60.0
     """Time allowed for the upstream's answer."""
+    max_response_bytes: ByteSize = 4 << 20
+    """Most bytes of one upstream answer the agent reads, both as sent (on the wire) and
+    inflated (``Content-Encoding`` gzip or deflate, inflated step by step). A larger answer,
+    error answers too, is a protocol error: counted (``requests.answer_too_large``), logged
+    with the request id, retried with backoff; none of its records is acknowledged. A
+    normal answer lists about 40 bytes per record (up to ~600 with a rejection message)."""
     batch_max_records: int = 1000
     """Most records in one request."""
     batch_max_bytes: ByteSize = 4 << 20
@@ -103,6 +110,24 @@ class UpstreamConfig(Section):
             ) from None
         return self
 
+    @field_validator("max_response_bytes")
+    @classmethod
+    def _answer_room(cls, value: int) -> int:
+        if value < _RESPONSE_MIN:
+            raise ValueError(f"must be at least {_RESPONSE_MIN // 1024}KiB")
+        return value
+
+    @model_validator(mode="after")
+    def _warn_small_answers(self) -> UpstreamConfig:
+        worst = self.batch_max_records * _ANSWER_BYTES_PER_REJECTION
+        if worst > self.max_response_bytes:
+            warn(
+                f"upstream.max_response_bytes ({self.max_response_bytes}) is below what an "
+                f"answer rejecting all {self.batch_max_records} records of a batch may take "
+                f"(~{worst}): raise it or lower batch_max_records"
+            )
+        return self
+
     @field_validator("concurrency", "batch_max_records")
     @classmethod
     def _positive(cls, value: int) -> int:
@@ -116,6 +141,12 @@ GZIP_LEVEL = 6
 _THREAD_GZIP_BYTES = 256 << 10  # compress big bodies off the event loop
 _ERROR_MESSAGE_MAX = 500
 _ENDPOINT_PROBLEMS = frozenset({404, 405, 410})
+_RESPONSE_MIN = 64 << 10
+# An answer naming a record costs ~40 bytes; one rejecting it with a message up to ~600.
+_ANSWER_BYTES_PER_REJECTION = 600
+# What the agent can inflate with a bound (see _Inflater); httpx would also advertise br
+# and zstd when their packages happen to be installed, and decode them without one.
+ACCEPT_ENCODING = "gzip, deflate"
 
 
 class Action(enum.Enum):
@@ -144,10 +175,13 @@ def classify(status: int | None, error: BaseException | None = None) -> Verdict:
     and 403 wait for new credentials; 413 splits the batch; any other 4xx bisects it to
     isolate the records the upstream refuses, except 404/405/410, which say the endpoint
     is wrong (not the records). A redirect or other unexpected status is a
-    misconfiguration that may be fixed by a reload: retried.
+    misconfiguration that may be fixed by a reload: retried. So is an answer that breaks
+    the protocol (over ``max_response_bytes``, not inflatable, not the JSON agreed on).
     """
     if status is None:
-        if error is None or isinstance(error, httpx.TransportError | OSError | TimeoutError):
+        if error is None or isinstance(
+            error, httpx.TransportError | OSError | TimeoutError | TransientError
+        ):
             return Verdict(Action.RETRY)
         raise error
     if 200 <= status < 300:
@@ -184,6 +218,99 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         when = when.replace(tzinfo=UTC)
     base = datetime.fromtimestamp(time.time() if now is None else now, UTC)
     return min(max(0.0, (when - base).total_seconds()), RETRY_AFTER_MAX)
+
+
+class AnswerTooLarge(TransientError):
+    """The upstream's answer exceeds ``max_response_bytes`` (as sent or inflated).
+
+    A protocol error: retried with backoff, nothing of the batch acknowledged.
+    """
+
+
+class _Inflater:
+    """Inflates one ``Content-Encoding`` (gzip or deflate) chunk by chunk into ``out``,
+    never past ``limit`` bytes: ``zlib``'s ``max_length`` stops a gzip bomb after
+    ``limit + 1`` bytes of output, where httpx's decoders inflate a whole chunk at once
+    (a 64 KiB chunk of a bomb is ~64 MiB)."""
+
+    def __init__(self, coding: str, limit: int) -> None:
+        self.coding = coding
+        self.limit = limit
+        self.first = True
+        self._zlib = self._new()
+
+    def _new(self, raw: bool = False) -> Any:
+        if self.coding == "deflate":
+            return zlib.decompressobj(-zlib.MAX_WBITS if raw else zlib.MAX_WBITS)
+        return zlib.decompressobj(zlib.MAX_WBITS | 16)
+
+    def feed(self, data: bytes, out: bytearray) -> None:
+        """Inflate ``data`` into ``out``; raise :class:`AnswerTooLarge` beyond the limit."""
+        first, self.first = self.first, False
+        try:
+            self._feed(data, out)
+        except zlib.error:
+            if not (first and self.coding == "deflate"):
+                raise
+            # "deflate" is zlib-wrapped by the RFC, raw deflate by some servers (as httpx)
+            self._zlib = self._new(raw=True)
+            self._feed(data, out)
+
+    def _feed(self, data: bytes, out: bytearray) -> None:
+        while data:
+            out += self._zlib.decompress(data, self.limit - len(out) + 1)
+            if len(out) > self.limit:
+                raise AnswerTooLarge(f"over {self.limit} bytes inflated")
+            data = self._zlib.unconsumed_tail
+            if not data and self._zlib.eof and self.coding == "gzip":
+                data = self._zlib.unused_data  # a further gzip member (RFC 1952)
+                if data:
+                    self._zlib = self._new()
+
+    def finish(self) -> None:
+        """Raise :class:`zlib.error` when the compressed stream ended early."""
+        if not self._zlib.eof:
+            raise zlib.error("compressed answer ends before its end marker")
+
+
+def _inflater(headers: httpx.Headers, limit: int) -> _Inflater | None:
+    codings = [
+        c.strip().lower()
+        for c in headers.get("content-encoding", "").split(",")
+        if c.strip().lower() not in ("", "identity")
+    ]
+    if not codings:
+        return None
+    if codings in (["gzip"], ["x-gzip"], ["deflate"]):
+        return _Inflater("deflate" if codings == ["deflate"] else "gzip", limit)
+    shown = ", ".join(codings)
+    raise zlib.error(f"unsupported Content-Encoding {shown!r} (asked for {ACCEPT_ENCODING})")
+
+
+async def read_answer(response: httpx.Response, limit: int) -> bytes:
+    """The body of a streamed ``response``, at most ``limit`` bytes as sent and inflated.
+
+    Raises :class:`AnswerTooLarge` beyond the limit (checked against ``Content-Length``
+    first, then counted while reading) and :class:`zlib.error` for a body that cannot be
+    inflated. Memory stays within about twice the limit whatever the upstream sends.
+    """
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise AnswerTooLarge(f"Content-Length {declared} is over {limit} bytes")
+    inflater = _inflater(response.headers, limit)
+    body = bytearray()
+    wire = 0
+    async for chunk in response.aiter_raw():
+        wire += len(chunk)
+        if wire > limit:
+            raise AnswerTooLarge(f"over {limit} bytes as sent")
+        if inflater is None:
+            body += chunk
+        else:
+            inflater.feed(chunk, body)
+    if inflater is not None:
+        inflater.finish()
+    return bytes(body)
 
 
 class BatchTooLarge(PermanentError):
@@ -272,40 +399,38 @@ def _transport_settings(config: UpstreamConfig) -> tuple[Any, ...]:
     )
 
 
-def _error_body(response: httpx.Response) -> tuple[str | None, str, str | None]:
+def _error_body(body: bytes, reason: str) -> tuple[str | None, str, str | None]:
     """``(code, message, request_id)`` from a ``{"error": {...}}`` body, if it is one."""
     try:
-        err = orjson.loads(response.content)["error"]
+        err = orjson.loads(body)["error"]
         code, message, rid = err.get("code"), err.get("message"), err.get("request_id")
     except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-        text = response.text[:_ERROR_MESSAGE_MAX].strip()
-        return None, text or response.reason_phrase, None
+        text = body[: _ERROR_MESSAGE_MAX * 4].decode("utf-8", "replace")[:_ERROR_MESSAGE_MAX]
+        return None, text.strip() or reason, None
     return (
         code if isinstance(code, str) else None,
-        str(message or response.reason_phrase)[:_ERROR_MESSAGE_MAX],
+        str(message or reason)[:_ERROR_MESSAGE_MAX],
         rid if isinstance(rid, str) else None,
     )
 
 
-def _parse_result(response: httpx.Response, request_id: str | None) -> WriteResult:
+def _parse_result(body: bytes, status: int, request_id: str | None) -> WriteResult:
     """A 200 answer; a malformed one is a transient error (the upstream is broken)."""
     try:
-        body = orjson.loads(response.content)
+        answer = orjson.loads(body)
         result = WriteResult(
-            accepted=[str(i) for i in body.get("accepted", [])],
-            duplicates=[str(i) for i in body.get("duplicates", [])],
+            accepted=[str(i) for i in answer.get("accepted", [])],
+            duplicates=[str(i) for i in answer.get("duplicates", [])],
             rejected=[
                 Rejection(str(r["id"]), str(r.get("code", "rejected")), str(r.get("message", "")))
-                for r in body.get("rejected", [])
+                for r in answer.get("rejected", [])
             ],
-            status=response.status_code,
+            status=status,
             request_id=request_id,
         )
     except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError) as exc:
         raise TransientError(
-            f"invalid answer from upstream: {exc}",
-            status=response.status_code,
-            request_id=request_id,
+            f"invalid answer from upstream: {exc}", status=status, request_id=request_id
         ) from None
     return result
 
@@ -359,7 +484,11 @@ class HttpSink:
                 config.read_timeout, connect=config.connect_timeout, pool=config.read_timeout
             ),
             limits=httpx.Limits(max_connections=keep + 1, max_keepalive_connections=keep + 1),
-            headers={"User-Agent": f"edge-agent/{__version__}", "X-API-Version": "1"},
+            headers={
+                "User-Agent": f"edge-agent/{__version__}",
+                "X-API-Version": "1",
+                "Accept-Encoding": ACCEPT_ENCODING,
+            },
             follow_redirects=False,
         )
 
@@ -415,7 +544,13 @@ class HttpSink:
             headers["Content-Encoding"] = "gzip"
         self.last_request_id = rid
         try:
-            response = await self._client.post(self.url, content=payload.content, headers=headers)
+            # Streamed, so the answer is read within max_response_bytes (read_answer);
+            # leaving the block early closes the connection instead of reading the rest.
+            async with self._client.stream(
+                "POST", self.url, content=payload.content, headers=headers
+            ) as response:
+                self.wire_bytes += len(payload.content)
+                body = await self._read(response, rid)
         except httpx.HTTPError as exc:
             self._count(_transport_label(exc))
             classify(None, exc)  # re-raises anything that is not a transport failure
@@ -424,20 +559,38 @@ class HttpSink:
                 detail += f" (via proxy {proxy_label(self.config.proxy)})"
             raise TransientError(f"{_transport_label(exc)}: {detail}", request_id=rid) from exc
         self._count(str(response.status_code))
-        self.wire_bytes += len(payload.content)
-        return self._answer(response, rid, len(payload.content))
+        return self._answer(response, body, rid, len(payload.content))
+
+    async def _read(self, response: httpx.Response, rid: str) -> bytes:
+        """The answer's body, or a protocol error (too large, cannot be inflated)."""
+        status = response.status_code
+        request_id = response.headers.get("x-request-id") or rid
+        try:
+            return await read_answer(response, self.config.max_response_bytes)
+        except AnswerTooLarge as exc:
+            self._count("answer_too_large")
+            raise AnswerTooLarge(
+                f"answer too large (HTTP {status}): {exc}", status=status, request_id=request_id
+            ) from None
+        except zlib.error as exc:
+            self._count("answer_undecodable")
+            raise TransientError(
+                f"invalid answer from upstream (HTTP {status}): {exc}",
+                status=status,
+                request_id=request_id,
+            ) from None
 
     def _count(self, key: str) -> None:
         self.requests[key] = self.requests.get(key, 0) + 1
 
-    def _answer(self, response: httpx.Response, rid: str, sent: int) -> WriteResult:
+    def _answer(self, response: httpx.Response, body: bytes, rid: str, sent: int) -> WriteResult:
         status = response.status_code
         verdict = classify(status)
         if verdict.action is Action.DELIVERED:
-            result = _parse_result(response, response.headers.get("x-request-id") or rid)
+            result = _parse_result(body, status, response.headers.get("x-request-id") or rid)
             result.wire_bytes = sent
             return result
-        code, message, server_rid = _error_body(response)
+        code, message, server_rid = _error_body(body, response.reason_phrase)
         request_id = server_rid or response.headers.get("x-request-id") or rid
         text = f"HTTP {status}" + (f" {code}" if code else "") + f": {message}"
         if verdict.action is Action.REAUTHORIZE:
