@@ -82,6 +82,72 @@ CHANGE_DOCUMENT_ENTITIES = ("assets", "locations", "work_orders", "notifications
 """``sap_ecc`` entities with SAP change documents (CDHDR object classes)."""
 
 
+class ChildConfig(Section):
+    """A child table of an entity: its rows change without the entity's own cursor
+    moving (a text, a status history, task lines).
+
+    Declarative: ``[sources.<name>.entities.<entity>.children.<child>]``; maximo:
+    ``[sources.<name>.children.<entity>.<child>]``. With a ``cursor``, a changed child row
+    re-reads the entities it belongs to on the next incremental sync (a feed of its own,
+    with its own watermark). Without one, only reconciliation (``reconcile_interval``)
+    sees its changes. A deleted child row moves no cursor: reconciliation sees that too.
+    """
+
+    table: str
+    """The child table (or ``schema.table``)."""
+    on: dict[str, str]
+    """How a child row names its entity: child column = entity column,
+    ``{ WONUM = "WONUM", SITEID = "SITEID" }``."""
+    key: list[str] = Field(default_factory=list)
+    """Columns identifying a child row (default: the ``on`` columns); they order rows
+    that share a cursor value, so none is skipped at a chunk border."""
+    cursor: str | None = None
+    """Column whose value grows when the child row changes; unset: no feed, reconciliation
+    covers the table."""
+    cursor_kind: CursorKind = "timestamp"
+    """Kind of ``cursor``, as for entities."""
+    overlap: Duration = 0.0
+    """Re-read this much before the child's watermark on every sync."""
+    columns: list[str] = Field(default_factory=list)
+    """Child columns added to the entity's row as ``<child>.<column>`` (for ``fields``,
+    ``mappings.custom`` and ``remote_data``). Only for children with at most one row per
+    entity row (a long description, a text): more would repeat the entity."""
+    match: dict[str, str] = Field(default_factory=dict)
+    """Child column = value that a child row must have: ``{ LDOWNERTABLE = "WORKORDER" }``."""
+
+    @field_validator("table")
+    @classmethod
+    def _table(cls, value: str) -> str:
+        return check_ident(value)
+
+    @field_validator("on")
+    @classmethod
+    def _on(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value:
+            raise ValueError("at least one column pair is required")
+        for child, parent in value.items():
+            check_ident(child)
+            check_ident(parent)
+        return value
+
+    @field_validator("key", "columns")
+    @classmethod
+    def _idents(cls, value: list[str]) -> list[str]:
+        return [check_ident(v) for v in value]
+
+    @field_validator("match")
+    @classmethod
+    def _match(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            check_ident(name)
+        return value
+
+    @field_validator("cursor")
+    @classmethod
+    def _cursor(cls, value: str | None) -> str | None:
+        return None if value is None else check_ident(value)
+
+
 class EntityConfig(Section):
     """One declarative entity (``[sources.<name>.entities.<entity>]``)."""
 
@@ -107,6 +173,9 @@ class EntityConfig(Section):
     """Column = value that marks a row deleted (``op = delete``): ``{ IS_DELETED = "1" }``."""
     modified_precision: Literal["second", "minute", "day", "none"] = "second"
     """Precision of the cursor column, stamped on records."""
+    children: dict[str, ChildConfig] = Field(default_factory=dict)
+    """Child tables whose changes the entity's ``cursor`` does not see (see
+    :class:`ChildConfig`)."""
 
     @field_validator("table")
     @classmethod
@@ -162,6 +231,9 @@ class SqlSourceConfig(SourceConfig):
     """Time zone of the database's local times (SAP server time), e.g. ``Europe/Berlin``."""
     entities: dict[str, EntityConfig] = Field(default_factory=dict)
     """Declarative profile: the entities to read (see docs/sql-sources.md)."""
+    children: dict[str, dict[str, ChildConfig]] = Field(default_factory=dict)
+    """Maximo profile: child tables per entity, ``[sources.<name>.children.work_orders.
+    longdesc]`` (see :class:`ChildConfig`)."""
     change_documents: bool | list[str] = False
     """``sap_ecc``: also read SAP change documents (CDHDR) as a feed: ``true`` for every
     entity that has them (assets, locations, work_orders, notifications) or a list of
@@ -228,6 +300,7 @@ class SqlSourceConfig(SourceConfig):
                 f"include: unknown entities {unknown}; {self.profile} has {list(known)}"
             )
         self._check_change_documents()
+        self._check_children(known)
         return self
 
     def _check_change_documents(self) -> None:
@@ -243,3 +316,24 @@ class SqlSourceConfig(SourceConfig):
                     f"change_documents: no change documents for {unknown}; "
                     f"entities with them: {list(CHANGE_DOCUMENT_ENTITIES)}"
                 )
+
+    def _check_children(self, known: tuple[str, ...]) -> None:
+        if self.children and self.profile == "declarative":
+            raise ValueError("declarative entities declare theirs: entities.<entity>.children")
+        if self.children and self.profile != "maximo":
+            raise ValueError(f"'children' is for profile 'maximo', not {self.profile!r}")
+        unknown = sorted(set(self.children) - set(known))
+        if unknown:
+            raise ValueError(f"children: unknown entities {unknown}; maximo has {list(known)}")
+        if self.reconcile_interval is not None:
+            return
+        declared = [(f"children.{e}.{c}", ch) for e, cs in self.children.items()
+                    for c, ch in cs.items()]  # fmt: skip
+        declared += [(f"entities.{e}.children.{c}", ch) for e, ent in self.entities.items()
+                     for c, ch in ent.children.items()]  # fmt: skip
+        blind = [path for path, ch in declared if ch.cursor is None]
+        if blind:
+            raise ValueError(
+                f"{', '.join(blind)}: no cursor and reconcile_interval is unset, so changes "
+                "to that table would never be seen; set a cursor or reconcile_interval"
+            )

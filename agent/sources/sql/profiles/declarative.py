@@ -18,13 +18,14 @@ from datetime import UTC, date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import ColumnClause, Select, column, select, text
+from sqlalchemy import FromClause, column, select, text
 
 from agent.records import Op
-from agent.sources.sql.config import EntityConfig, SqlSourceConfig
+from agent.sources.sql.config import ChildConfig, EntityConfig, SqlSourceConfig
 from agent.sources.sql.engine import Database
 from agent.sources.sql.mapping import resolve
 from agent.sources.sql.model import EntitySpec, Feed, Mapped, Row
+from agent.sources.sql.profiles.children import with_children
 
 _UTC_ZONE = ZoneInfo("UTC")
 
@@ -62,15 +63,24 @@ def _clean(value: Any) -> Any:
     return value.rstrip() if value.__class__ is str else value
 
 
+def _subquery(sql: str, names: list[str], alias: str) -> FromClause:
+    # is_literal: names are written as the database spells them (no quoting, no folding).
+    return text(sql).columns(*(column(c, is_literal=True) for c in names)).subquery(alias)
+
+
+def _child(child: ChildConfig, names: list[str], alias: str) -> FromClause:
+    return _subquery(f"SELECT * FROM {child.table}", names, alias)
+
+
 def _entity(name: str, ent: EntityConfig, tz: ZoneInfo) -> EntitySpec:
     sql = ent.query if ent.query is not None else f"SELECT * FROM {ent.table}"
-    # is_literal: names are written as the database spells them (no quoting, no folding).
-    cols: dict[str, ColumnClause[Any]] = {
-        c: column(c, is_literal=True) for c in [*ent.key, ent.cursor]
-    }
-    q = text(sql).columns(*cols.values()).subquery("q")
+    joins = [p for child in ent.children.values() for p in child.on.values()]
+    q = _subquery(sql, list(dict.fromkeys([*ent.key, ent.cursor, *joins])), "q")
     mod, keys = q.c[ent.cursor], tuple(q.c[k] for k in ent.key)
-    base: Select[Any] = select(text("q.*")).select_from(q).where(mod.is_not(None))
+    base, child_feeds = with_children(
+        ent.children, parent_from=q, parent=lambda c: q.c[c], cols=[text("q.*")],
+        where=[mod.is_not(None)], keys=keys, child_from=_child,
+    )  # fmt: skip
     feed = Feed("main", base, mod, keys, ent.cursor_kind, ent.overlap)
     deleted = {k: str(v) for k, v in ent.deleted_when.items()}
 
@@ -120,7 +130,7 @@ def _entity(name: str, ent: EntityConfig, tz: ZoneInfo) -> EntitySpec:
     return EntitySpec(
         name=name,
         entity_type=ent.entity_type,
-        feeds=(feed,),
+        feeds=(feed, *child_feeds),
         key_columns=keys,
         key_select=select(*keys).select_from(q),
         mapper=mapper,

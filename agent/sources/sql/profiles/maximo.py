@@ -14,12 +14,14 @@ from collections.abc import Callable
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import ColumnElement, TableClause, column, select, table
+from sqlalchemy import ColumnElement, FromClause, TableClause, column, select, table
 
+from agent.errors import ConfigError
 from agent.records import EntityType, format_time
-from agent.sources.sql.config import SqlSourceConfig
+from agent.sources.sql.config import ChildConfig, SqlSourceConfig
 from agent.sources.sql.engine import Database
 from agent.sources.sql.model import EntitySpec, Feed, Mapped, Row
+from agent.sources.sql.profiles.children import with_children
 from agent.sources.sql.profiles.declarative import as_utc
 
 _COLUMNS = {
@@ -48,6 +50,25 @@ def _at(value: object, tz: ZoneInfo) -> str | None:
     return None if at is None else format_time(at)
 
 
+def _child_table(schema: str | None) -> Callable[[ChildConfig, list[str], str], FromClause]:
+    def child(ch: ChildConfig, names: list[str], alias: str) -> FromClause:
+        # Quoted upper-case, like the profile's own tables (Maximo's DDIC names).
+        schema_of, _, name = ch.table.rpartition(".")
+        return table(name, *(column(c) for c in names), schema=schema_of or schema).alias(alias)
+
+    return child
+
+
+def _parent(t: TableClause, entity: str) -> Callable[[str], ColumnElement[Any]]:
+    def column_of(name: str) -> ColumnElement[Any]:
+        if name not in t.c:
+            problem = f"{t.name} has no column {name!r}; it has {list(t.c.keys())}"
+            raise ConfigError([(f"children.{entity}", problem)])
+        return t.c[name]
+
+    return column_of
+
+
 def _spec(
     name: str,
     etype: EntityType,
@@ -56,9 +77,13 @@ def _spec(
     fields: Callable[[Row], dict[str, Any]],
     *,
     tz: ZoneInfo,
+    config: SqlSourceConfig,
 ) -> EntitySpec:
     keys: tuple[ColumnElement[Any], ...] = (t.c.SITEID, t.c[number])
-    base = select(*t.c).where(t.c.ROWSTAMP.is_not(None))
+    base, child_feeds = with_children(
+        config.children.get(name, {}), parent_from=t, parent=_parent(t, name), cols=list(t.c),
+        where=[t.c.ROWSTAMP.is_not(None)], keys=keys, child_from=_child_table(config.db_schema),
+    )  # fmt: skip
     feed = Feed("changes", base, t.c.ROWSTAMP, keys, "number")
 
     def mapper(row: Row, _ctx: Any) -> Mapped:
@@ -68,7 +93,7 @@ def _spec(
     return EntitySpec(
         name=name,
         entity_type=etype,
-        feeds=(feed,),
+        feeds=(feed, *child_feeds),
         key_columns=keys,
         key_select=select(*keys),
         mapper=mapper,
@@ -121,10 +146,11 @@ def specs(config: SqlSourceConfig, _db: Database) -> list[EntitySpec]:
 
     return [
         _spec("work_orders", EntityType.WORK_ORDER, _t("WORKORDER", schema), "WONUM",
-              work_order, tz=tz),
-        _spec("assets", EntityType.ASSET, _t("ASSET", schema), "ASSETNUM", asset, tz=tz),
+              work_order, tz=tz, config=config),
+        _spec("assets", EntityType.ASSET, _t("ASSET", schema), "ASSETNUM", asset, tz=tz,
+              config=config),
         _spec("locations", EntityType.LOCATION, _t("LOCATIONS", schema), "LOCATION",
-              location, tz=tz),
+              location, tz=tz, config=config),
     ]  # fmt: skip
 
 
