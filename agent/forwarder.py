@@ -10,7 +10,9 @@ keeps per-entity order at any concurrency. The sink's verdicts drive what happen
   honoured, forever;
 * 401/403: state ``reauthorization_required``, a ``connection_status`` record is appended,
   probes every ``reauth_probe_interval``; a reload (new token) wakes the probe at once;
-* 413: split the batch in halves; another 4xx: bisect down to the refused records.
+* 413: split the batch in halves; another 4xx: bisect down to the refused records;
+  a 200 that leaves records out: send those again. Each of these waits the backoff
+  before the next request too, and only a part settled whole resets it.
 """
 
 from __future__ import annotations
@@ -189,7 +191,13 @@ class Forwarder:
                 await self._sleep(backoff.delay())
 
     async def _deliver(self, batch: list[Leased], backoff: Backoff) -> None:
-        """Settle every record of ``batch``; halves are sent left first (entity order)."""
+        """Settle every record of ``batch``; halves are sent left first (entity order).
+
+        Every answer that does not settle a part whole (413, another 4xx, a 200 that
+        leaves records out) is followed by a backoff delay before the next request, and
+        only a part settled whole resets the backoff: an upstream that refuses
+        everything gets requests at the backoff's pace, not as fast as it answers.
+        """
         self.counters.batches += 1
         stack = [Part(batch)]
         while stack:
@@ -198,29 +206,62 @@ class Forwarder:
                 result = await self._send(part, backoff)
             except BatchTooLarge as exc:
                 self.counters.splits += 1
-                stack += self._halves(part, exc, "batch_split")
+                stack += self._halves(part)
                 if len(part.items) == 1:
-                    await self._reject(part.items, self._reason(exc))
+                    await self._reject(part.items, "too large even alone: " + self._reason(exc))
+                await self._refused("batch_split", part, exc, backoff)
             except BatchRejected as exc:
                 self.counters.bisections += 1
-                stack += self._halves(part, exc, "batch_bisected")
+                stack += self._halves(part)
                 if len(part.items) == 1:
                     await self._reject(part.items, self._reason(exc))
+                await self._refused("batch_bisected", part, exc, backoff)
             else:
                 missing = await self._settle(part.items, result)
                 if missing:
-                    await self._sleep(backoff.delay())
+                    await self._incomplete(missing, result, backoff)
                     stack.append(Part(missing))
+                else:
+                    backoff.reset()
             self._progress.set()
 
     @staticmethod
-    def _halves(part: Part, exc: Exception, event: str) -> list[Part]:
+    def _halves(part: Part) -> list[Part]:
         """The two halves, right first so the left one is popped (sent) first."""
         if len(part.items) == 1:
             return []
         mid = len(part.items) // 2
-        log.info(event, records=len(part.items), error=str(exc))
         return [Part(part.items[mid:]), Part(part.items[:mid])]
+
+    async def _refused(
+        self, event: str, part: Part, exc: BatchTooLarge | BatchRejected, backoff: Backoff
+    ) -> None:
+        """Log a 413/4xx answer, then wait the backoff before the next request."""
+        self._error(str(exc))
+        delay = backoff.delay()
+        log.info(
+            event,
+            records=len(part.items),
+            error=str(exc),
+            request_id=exc.request_id,
+            dead_lettered=len(part.items) == 1,
+            retry_in=round(delay, 2),
+        )
+        await self._sleep(delay)
+
+    async def _incomplete(
+        self, missing: list[Leased], result: WriteResult, backoff: Backoff
+    ) -> None:
+        """A 200 that leaves records out: wait the backoff, then they are sent again."""
+        delay = backoff.delay()
+        log.warning(
+            "upstream_answer_incomplete",
+            missing=len(missing),
+            request_id=result.request_id,
+            retry_in=round(delay, 2),
+            detail="records neither accepted nor rejected are sent again",
+        )
+        await self._sleep(delay)
 
     @staticmethod
     def _reason(exc: BatchTooLarge | BatchRejected) -> str:
@@ -247,7 +288,6 @@ class Forwarder:
                 raise
             self._note_request(result.request_id)
             self._delivered()
-            backoff.reset()
             return result
 
     def _note_request(self, request_id: str | None) -> None:
@@ -345,15 +385,7 @@ class Forwarder:
         await self.outbox.ack(ack)
         if reject:
             await self._reject_pairs(reject)
-        missing = [item for item in items if item.id not in done]
-        if missing:
-            log.warning(
-                "upstream_answer_incomplete",
-                missing=len(missing),
-                request_id=result.request_id,
-                detail="records neither accepted nor rejected are sent again",
-            )
-        return missing
+        return [item for item in items if item.id not in done]
 
     async def _reject(self, items: Sequence[Leased], reason: str) -> None:
         await self._reject_pairs([(item.seq, reason) for item in items])
