@@ -4,11 +4,19 @@
 
 * ``POST /v1/ingest``: validates envelopes, stores them idempotently by ``id`` in SQLite
   and answers ``{"accepted", "duplicates", "rejected"}`` (docs/upstream-api.md);
-* ``GET /v1/records`` (cursor pagination) and ``GET /v1/stats``;
+* ``GET /v1/records`` (cursor pagination), ``GET /v1/latest`` (the latest version of
+  every entity, by the rule below) and ``GET /v1/stats``;
 * ``GET/POST /v1/_faults``: fault injection for tests and demos (fail rate, a fixed
   status for the next N requests, latency, poison-record rejection, body limit, token
   rotation), settable at start by CLI flags too;
 * ``GET /healthz``.
+
+The latest version of an entity is the last record of its ``entity_id`` that was
+accepted (a new ``id``), in arrival order. The agent delivers one entity's records in the
+order it appended them and never two batches with one entity at once, so arrival order
+is append order; ``seq`` confirms it within one outbox but is not compared across
+records, because a fresh outbox (after a corrupt one was moved aside) counts from 1
+again. A duplicate (an id seen before) changes nothing.
 
 Tests use it in-process: ``async with running_receiver(path, token="t") as rx:`` starts it
 on a free port of 127.0.0.1 and exposes ``rx.url``, ``rx.store`` and ``rx.faults``;
@@ -30,7 +38,7 @@ import time
 import uuid
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
@@ -66,7 +74,18 @@ CREATE TABLE IF NOT EXISTS records (
 );
 CREATE INDEX IF NOT EXISTS records_type ON records(entity_type, arrival);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS latest (
+    entity_id   TEXT PRIMARY KEY,
+    arrival     INTEGER NOT NULL
+) WITHOUT ROWID;
 """
+# Each accepted record becomes its entity's latest: arrivals only grow, so within one
+# batch the last record of an entity wins, as it does across batches.
+_SET_LATEST = (
+    "INSERT INTO latest (entity_id, arrival) SELECT entity_id, MAX(arrival) FROM records "
+    "WHERE id IN (SELECT value FROM json_each(?)) GROUP BY entity_id "
+    "ON CONFLICT(entity_id) DO UPDATE SET arrival = excluded.arrival"
+)
 _BUMP = (
     "INSERT INTO counters VALUES (?, ?) "
     "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value"
@@ -144,6 +163,12 @@ class Store:
         # The id index takes random inserts (uuids): keep it in memory past a million rows.
         self._db.execute("PRAGMA cache_size=-131072")
         self._db.executescript(_SCHEMA)
+        if self._db.execute("SELECT NOT EXISTS (SELECT 1 FROM latest)").fetchone()[0]:
+            # A store written before `latest` existed: derive it once from the records.
+            self._db.execute(
+                "INSERT OR IGNORE INTO latest SELECT entity_id, MAX(arrival) FROM records "
+                "GROUP BY entity_id"
+            )
 
     def close(self) -> None:
         """Close the database."""
@@ -191,6 +216,8 @@ class Store:
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
+            if accepted:
+                self._db.execute(_SET_LATEST, (orjson.dumps(accepted).decode(),))
             self._db.executemany(
                 _BUMP, [("accepted", len(accepted)), ("duplicates", len(duplicates))]
             )
@@ -216,11 +243,31 @@ class Store:
             f"SELECT arrival, body FROM records WHERE {' AND '.join(where)} "
             "ORDER BY arrival LIMIT ?"
         )
+        return self._paged(sql, args, limit)
+
+    def _paged(self, sql: str, args: list[Any], limit: int) -> tuple[list[bytes], int | None]:
+        """Run ``sql`` (``(position, body)`` rows, ``LIMIT ?`` last) for one page."""
         with self._lock:
             rows = self._db.execute(sql, (*args, limit + 1)).fetchall()
         more = len(rows) > limit
         rows = rows[:limit]
         return [bytes(b) for _, b in rows], (rows[-1][0] if more else None)
+
+    def latest_page(
+        self, source: str | None, entity_type: str | None, cursor: int, limit: int
+    ) -> tuple[list[bytes], int | None]:
+        """The latest version of each entity (deletes included), by when it became the
+        latest, after ``cursor``; and the next cursor."""
+        where, args = ["l.arrival > ?"], [cursor]
+        for column, value in (("source", source), ("entity_type", entity_type)):
+            if value:
+                where.append(f"r.{column} = ?")
+                args.append(value)  # type: ignore[arg-type]
+        sql = (
+            "SELECT l.arrival, r.body FROM latest l JOIN records r ON r.arrival = l.arrival "
+            f"WHERE {' AND '.join(where)} ORDER BY l.arrival LIMIT ?"
+        )
+        return self._paged(sql, args, limit)
 
     def stats(self) -> dict[str, Any]:
         """Counts per source and entity type, plus the counters."""
@@ -257,8 +304,22 @@ class Store:
         with self._lock:
             return {r[0] for r in self._db.execute("SELECT id FROM records")}
 
+    def latest(self, source: str, entity_type: str) -> dict[str, dict[str, Any]]:
+        """``remote_id`` -> the latest envelope of every entity of ``source`` and
+        ``entity_type`` (``op`` says whether it is a delete), by the module's rule."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT r.remote_id, r.body FROM latest l JOIN records r "
+                "ON r.arrival = l.arrival WHERE r.source = ? AND r.entity_type = ?",
+                (source, entity_type),
+            ).fetchall()
+        return {remote_id: orjson.loads(body) for remote_id, body in rows}
+
     def order_violations(self) -> list[str]:
-        """Entities whose records arrived out of ``seq`` order (should be none)."""
+        """Entities whose records arrived out of ``seq`` order (should be none).
+
+        Meaningful within one outbox's life: a fresh outbox counts ``seq`` from 1 again.
+        """
         with self._lock:
             rows = self._db.execute(
                 "SELECT entity_id FROM (SELECT entity_id, seq, LAG(seq) OVER "
@@ -367,6 +428,7 @@ class Receiver:
             routes=[
                 Route("/v1/ingest", self.ingest, methods=["POST"]),
                 Route("/v1/records", self.records, methods=["GET"]),
+                Route("/v1/latest", self.latest, methods=["GET"]),
                 Route("/v1/stats", self.stats, methods=["GET"]),
                 Route("/v1/_faults", self.get_faults, methods=["GET"]),
                 Route("/v1/_faults", self.set_faults, methods=["POST"]),
@@ -509,22 +571,48 @@ class Receiver:
 
     async def records(self, request: Request) -> Response:
         """``GET /v1/records?entity_type=&modified_after=&cursor=&limit=``."""
+        q = request.query_params
+        after = _epoch(q.get("modified_after"))
+        if q.get("modified_after") and after is None:
+            bad = BadRequest(400, "invalid_parameter", "modified_after is not RFC 3339")
+            return await self._page(request, self.store.page, problem=bad)
+        return await self._page(
+            request,
+            lambda cursor, limit: self.store.page(q.get("entity_type"), after, cursor, limit),
+        )
+
+    async def latest(self, request: Request) -> Response:
+        """``GET /v1/latest?source=&entity_type=&cursor=&limit=``."""
+        q = request.query_params
+        return await self._page(
+            request,
+            lambda cursor, limit: self.store.latest_page(
+                q.get("source"), q.get("entity_type"), cursor, limit
+            ),
+        )
+
+    async def _page(
+        self,
+        request: Request,
+        fetch: Callable[..., tuple[list[bytes], int | None]],
+        *,
+        problem: BadRequest | None = None,
+    ) -> Response:
+        """One page of ``fetch(cursor, limit)`` (a store read, run in a thread) as JSON;
+        ``problem`` (a bad parameter) is answered after the token was checked."""
         rid = request.headers.get("x-request-id") or str(uuid.uuid4())
         q = request.query_params
         try:
             self._authorize_read(request)
+            if problem is not None:
+                raise problem
             limit = min(max(1, int(q.get("limit", "100"))), PAGE_MAX)
             cursor = int(q.get("cursor") or 0)
-            after = _epoch(q.get("modified_after"))
-            if q.get("modified_after") and after is None:
-                raise BadRequest(400, "invalid_parameter", "modified_after is not RFC 3339")
         except ValueError:
             return _error(400, "invalid_parameter", "limit and cursor are integers", rid)
         except BadRequest as exc:
             return _error(exc.status, exc.code, exc.message, rid)
-        bodies, nxt = await asyncio.to_thread(
-            self.store.page, q.get("entity_type"), after, cursor, limit
-        )
+        bodies, nxt = await asyncio.to_thread(fetch, cursor, limit)
         content = b'{"records":[' + b",".join(bodies) + b'],"next_cursor":'
         content += orjson.dumps(None if nxt is None else str(nxt)) + b"}"
         return Response(content, 200, {"X-Request-ID": rid}, media_type="application/json")

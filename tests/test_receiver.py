@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from upstream_support import (  # fixtures are used by name
     receiver_fixture,  # noqa: F401
 )
 
-from agent.receiver import Receiver, validate
+from agent.receiver import Receiver, Store, validate
 from agent.records import EntityType, Record
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,6 +158,54 @@ async def test_records_pagination_and_filters(receiver: Receiver) -> None:
         assert (
             await client.get("/v1/stats", headers={"Authorization": "Bearer nope"})
         ).status_code == 401
+
+
+async def test_latest_is_the_last_accepted_version_per_entity(receiver: Receiver) -> None:
+    """By arrival, whatever the seq (a fresh outbox counts from 1 again); a duplicate,
+    however late, changes nothing; a delete as latest is shown as such."""
+    a1, b1, a2, b2 = (envelope(r, 5 + i) for i, r in enumerate(make_records(4, entities=2)))
+    b2 = b2 | {"op": "delete"}
+    assert (await _post(receiver, batch(a1, b1, a2), **AUTH)).status_code == 200
+    assert receiver.store.latest(SOURCE.name, "work_order")["wo-0"]["id"] == a2["id"]
+    after_loss = a1 | {"id": "3b0d4c6e-7f8a-5b9c-8d0e-1f2a3b4c5d6e", "seq": 1}
+    assert (await _post(receiver, batch(a1, after_loss, b2), **AUTH)).status_code == 200
+    latest = receiver.store.latest(SOURCE.name, "work_order")
+    assert {k: (v["id"], v["op"]) for k, v in latest.items()} == {
+        "wo-0": (after_loss["id"], "upsert"),
+        "wo-1": (b2["id"], "delete"),
+    }
+    assert receiver.store.latest(SOURCE.name, "asset") == {}
+    assert receiver.store.latest("other", "work_order") == {}
+    async with httpx.AsyncClient(base_url=receiver.url, headers=AUTH) as client:
+        seen, cursor = [], ""
+        while True:
+            page = (await client.get("/v1/latest", params={"limit": 1, "cursor": cursor})).json()
+            seen += [r["id"] for r in page["records"]]
+            if page["next_cursor"] is None:
+                break
+            cursor = page["next_cursor"]
+        assert seen == [after_loss["id"], b2["id"]]  # by when each became the latest
+        one = await client.get("/v1/latest", params={"source": "other"})
+        assert one.json() == {"records": [], "next_cursor": None}
+        assert (await client.get("/v1/latest", params={"cursor": "x"})).status_code == 400
+        denied = await client.get("/v1/latest", headers={"Authorization": "Bearer nope"})
+        assert denied.status_code == 401
+
+
+async def test_a_store_from_before_latest_gets_it_from_its_records(tmp_path: Path) -> None:
+    path = tmp_path / "rx.db"
+    store = Store(path)
+    a1, a2 = (envelope(r, s) for r, s in zip(make_records(2, entities=1), [1, 2], strict=True))
+    store.ingest("agent", "b", [a1, a2])
+    store.close()
+    con = sqlite3.connect(path, isolation_level=None)
+    con.execute("DROP TABLE latest")
+    con.close()
+    store = Store(path)
+    try:
+        assert store.latest(SOURCE.name, "work_order")["wo-0"]["id"] == a2["id"]
+    finally:
+        store.close()
 
 
 async def test_fault_admin_endpoint(receiver: Receiver) -> None:
