@@ -7,14 +7,18 @@
  * runs without this module (pure Python); with it, building an entity version costs
  * about 40% as much (docs/sql-sources.md, "Performance").
  *
- * One function, build(), returns (entity_id, content_hash, id, envelope_json):
+ * build() returns (entity_id, content_hash, id, envelope_json):
  *
  *   entity_id    = uuid5 text of sha1(ns + name_prefix + remote_id (UTF-8))
  *   content_hash = "sha256:" + hex sha256('{"custom":' c ',"data":' d ',"op":' op
  *                  ',"remote_data":' (r or null) '}')
- *   id           = uuid5 text of sha1(ns + entity_id + ":" + content_hash)
+ *   id           = uuid5 text of sha1(ns + entity_id + ":" + content_hash), provisional
  *   envelope     = the canonical JSON of the record (sorted keys), spliced from the
  *                  parts the caller encoded (orjson) and the three values above.
+ *
+ * chain() is the outbox writer's step (records.chain_python is its reference): the
+ * chained id uuid5(ns, entity_id + ":" + content_hash + ":" + prev), and the envelope
+ * with it in place of the provisional id, whose offset the builder knows.
  *
  * Digests come from OpenSSL's libcrypto (EVP), the library CPython's hashlib uses.
  * The caller holds the GIL throughout and nothing here calls back into Python, so one
@@ -78,10 +82,10 @@ uuid5_text(unsigned char *d, char *out)
 #define LIT(s) {s, (Py_ssize_t)(sizeof(s) - 1)}
 
 static int
-bytes_arg(PyObject *o, const char *name, part *out)
+bytes_arg(PyObject *o, const char *fn, const char *name, part *out)
 {
     if (!PyBytes_Check(o)) {
-        PyErr_Format(PyExc_TypeError, "build(): %s must be bytes, not %.80s", name,
+        PyErr_Format(PyExc_TypeError, "%s(): %s must be bytes, not %.80s", fn, name,
                      Py_TYPE(o)->tp_name);
         return -1;
     }
@@ -128,7 +132,7 @@ build(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     for (int i = 0; i < 13; i++) {
         if (i == 7 && !has_remote)
             continue;
-        if (bytes_arg(args[i], names[i], &a[i]) < 0)
+        if (bytes_arg(args[i], "build", names[i], &a[i]) < 0)
             return NULL;
     }
     if (a[0].n != 16) {
@@ -210,11 +214,84 @@ ssl_error:
     return NULL;
 }
 
+/* A str argument's UTF-8 (for ASCII text, CPython's own buffer: no copy). */
+static int
+str_arg(PyObject *o, const char *name, part *out)
+{
+    if (!PyUnicode_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "chain(): %s must be str, not %.80s", name,
+                     Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    out->p = PyUnicode_AsUTF8AndSize(o, &out->n);
+    return out->p == NULL ? -1 : 0;
+}
+
+/*
+ * chain(ns, entity_id, content_hash, prev, body, at, provisional) -> (id, body) | None
+ *
+ * ns, body: bytes; entity_id, content_hash, prev, provisional: str; at: int. None when
+ * the 36 bytes of body at `at` are not `provisional` (the caller then encodes anew).
+ */
+static PyObject *
+chain(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    part ns, eid, chash, prev, body, provisional;
+    unsigned char sha1_out[EVP_MAX_MD_SIZE];
+    char rid[36];
+    Py_ssize_t at;
+    PyObject *out, *text, *tuple;
+
+    (void)self;
+    if (nargs != 7) {
+        PyErr_Format(PyExc_TypeError, "chain() takes 7 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if (bytes_arg(args[0], "chain", "ns", &ns) < 0 || str_arg(args[1], "entity_id", &eid) < 0 ||
+        str_arg(args[2], "content_hash", &chash) < 0 || str_arg(args[3], "prev", &prev) < 0 ||
+        bytes_arg(args[4], "chain", "body", &body) < 0 ||
+        str_arg(args[6], "provisional", &provisional) < 0)
+        return NULL;
+    at = PyLong_AsSsize_t(args[5]);
+    if (at == -1 && PyErr_Occurred())
+        return NULL;
+    if (ns.n != 16) {
+        PyErr_SetString(PyExc_ValueError, "chain(): ns must be 16 bytes");
+        return NULL;
+    }
+    if (provisional.n != 36 || at < 0 || at > body.n - 36 ||
+        memcmp(body.p + at, provisional.p, 36) != 0)
+        Py_RETURN_NONE;
+    {
+        part p[] = {ns, eid, LIT(":"), chash, LIT(":"), prev};
+        if (digest(md_sha1, p, 6, sha1_out) < 0) {
+            PyErr_SetString(PyExc_RuntimeError, "OpenSSL digest failed");
+            return NULL;
+        }
+        uuid5_text(sha1_out, rid);
+    }
+    out = PyBytes_FromStringAndSize(body.p, body.n);
+    if (out == NULL)
+        return NULL;
+    memcpy(PyBytes_AS_STRING(out) + at, rid, 36);
+    text = ascii_str(rid, 36);
+    if (text == NULL) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    tuple = PyTuple_Pack(2, text, out);
+    Py_DECREF(text);
+    Py_DECREF(out);
+    return tuple;
+}
+
 static PyMethodDef methods[] = {
     {"build", (PyCFunction)(void (*)(void))build, METH_FASTCALL,
      "build(ns, name_prefix, remote_id, remote_id_json, op_json, data, custom, remote_data,"
      " mid, precision, observed_json, src, modified_json) -> (entity_id, content_hash, id,"
      " envelope_json)"},
+    {"chain", (PyCFunction)(void (*)(void))chain, METH_FASTCALL,
+     "chain(ns, entity_id, content_hash, prev, body, at, provisional) -> (id, body) | None"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -246,7 +323,7 @@ PyInit__envelope(void)
     /* ABI: records.py uses the module only when this matches what it expects, so a stale
      * build left in a source tree is ignored rather than trusted. Bump it with any change
      * to what build() takes or returns. */
-    if (m != NULL && PyModule_AddIntConstant(m, "ABI", 1) < 0) {
+    if (m != NULL && PyModule_AddIntConstant(m, "ABI", 2) < 0) {
         Py_DECREF(m);
         return NULL;
     }

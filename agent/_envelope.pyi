@@ -18,3 +18,13 @@ def build(
     modified_json: bytes,
     /,
 ) -> tuple[str, str, str, bytes]: ...
+def chain(
+    ns: bytes,
+    entity_id: str,
+    content_hash: str,
+    prev: str,
+    body: bytes,
+    at: int,
+    provisional: str,
+    /,
+) -> tuple[str, bytes] | None: ...

@@ -15,6 +15,12 @@ Guarantees (see also README "The outbox"):
 * :meth:`lease` hands out records in append order and never hands out a later record of an
   entity while an earlier one is in flight, so per-entity order holds at any forwarder
   concurrency.
+* Entity versions (everything but readings and events) get their chained id here, in the
+  write transaction: ``chain_id(entity_id, content_hash, prev)`` with ``prev`` the id of
+  the entity's last version appended to this file, or the file's :attr:`Outbox.epoch`
+  (a random uuid made with the file) for its first. A version equal to the entity's last
+  one is not appended (counted as ``unchanged``). The stored body carries the chained
+  id, so a redelivery sends the same id, and a fresh file never repeats an old one.
 
 Concurrency model: one aiosqlite connection writes (guarded by a lock, so a transaction's
 statements never interleave with another's), a second one reads (it sees committed data
@@ -27,6 +33,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
@@ -41,11 +48,17 @@ import structlog
 
 from agent.configtypes import ByteSize, Duration, Section
 from agent.errors import OutboxWriteError
-from agent.records import EntityType, Record, RetentionClass, retention_class
+from agent.records import (
+    EntityType,
+    Record,
+    RetentionClass,
+    chained,
+    retention_class,
+)
 
 log = structlog.get_logger("agent.outbox")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -88,7 +101,12 @@ CREATE TABLE IF NOT EXISTS cursors (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS entity_versions (
     entity  TEXT PRIMARY KEY,
-    digest  TEXT NOT NULL
+    digest  TEXT NOT NULL,
+    last_id TEXT
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
@@ -122,6 +140,18 @@ _BUMP = (
     "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value"
 )
 _CLASSES = (RetentionClass.BUSINESS.value, RetentionClass.READING.value)
+_BUSINESS = RetentionClass.BUSINESS.value
+# entity_versions of a group: read and written with one statement each (see _INSERT_MANY)
+_VERSIONS_OF = (
+    "SELECT entity, digest, last_id FROM entity_versions "
+    "WHERE entity IN (SELECT value FROM json_each(?))"
+)
+_SET_VERSIONS = (
+    "INSERT INTO entity_versions (entity, digest, last_id) "
+    "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
+    "json_extract(value, '$[2]') FROM json_each(?) WHERE true "
+    "ON CONFLICT(entity) DO UPDATE SET digest = excluded.digest, last_id = excluded.last_id"
+)
 _PRAGMAS = (
     "PRAGMA journal_mode=WAL",
     "PRAGMA synchronous=FULL",
@@ -204,6 +234,9 @@ class AppendResult:
     stored: int = 0
     unchanged: int = 0
     dropped: int = 0
+    ids: list[str | None] = field(default_factory=list)
+    """Per record appended, in order: the id it was stored under (an entity version's
+    chained id), or None when it was not stored (unchanged, or dropped for budget)."""
 
 
 @dataclass(slots=True)
@@ -222,6 +255,8 @@ class OutboxStats:
     write_errors: int
     last_write_error: str | None
     recovered_from: str | None
+    epoch: str | None = None
+    """This outbox file's epoch (made with the file; a fresh file gets a new one)."""
     write_failing: bool = False
     """The latest commit failed (disk full, I/O error); cleared by the next good one."""
 
@@ -248,6 +283,7 @@ class OutboxStats:
             "last_write_error": self.last_write_error,
             "write_failing": self.write_failing,
             "recovered_from": self.recovered_from,
+            "epoch": self.epoch,
         }
 
 
@@ -258,7 +294,7 @@ _Row = tuple[str, str, str, str, float, int, bytes]
 @dataclass(slots=True)
 class _Pending:
     rows: list[_Row]
-    versions: list[tuple[str, str]] | None  # (entity, digest) when deduplicating
+    records: Sequence[Record]  # rows[i] is records[i] until _link filters rows
     cursors: list[Cursor]
     quarantine: list[Quarantined]
     future: asyncio.Future[AppendResult]
@@ -372,6 +408,8 @@ class Outbox:
         self._last_write_error: str | None = None
         self._write_failing = False
         self.recovered_from: str | None = None
+        self.epoch = ""
+        """The file's epoch: the ``prev`` of every entity's first version (see module doc)."""
 
     @classmethod
     def from_config(cls, config: OutboxConfig, state_dir: Path) -> Outbox:
@@ -414,14 +452,15 @@ class Outbox:
     def _prepare_file(self) -> None:
         """Integrity check and schema, in a worker thread (runs once at start-up)."""
         try:
-            self._check_and_migrate()
+            self.epoch = self._check_and_migrate()
         except sqlite3.DatabaseError as exc:
             if isinstance(exc, sqlite3.OperationalError) and "unable to open" in str(exc):
                 raise
             self._move_aside(str(exc))
-            self._check_and_migrate()
+            self.epoch = self._check_and_migrate()
 
-    def _check_and_migrate(self) -> None:
+    def _check_and_migrate(self) -> str:
+        """Check, then create or upgrade the schema in ONE transaction; returns the epoch."""
         con = sqlite3.connect(self.path, isolation_level=None)
         try:
             con.execute("PRAGMA journal_mode=WAL")
@@ -436,20 +475,50 @@ class Outbox:
                     f"outbox {self.path} has schema version {version}, newer than this "
                     f"agent's {SCHEMA_VERSION}; upgrade the agent or move the file"
                 )
-            with con:
-                con.execute("BEGIN IMMEDIATE")
-                if 0 < version < 2:
-                    # v1 kept the last hash per entity_id (a random uuid); v2 keys it by
-                    # entity name. Uuids cannot be turned back into names, so the old
-                    # table goes: the next overlap read or full re-sync may send an
-                    # unchanged version once more (same id; the upstream drops it).
-                    con.execute("DROP TABLE IF EXISTS entity_hashes")
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        con.execute(statement)
-                con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            try:
+                with con:
+                    con.execute("BEGIN IMMEDIATE")
+                    self._migrate(con, version)
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            con.execute(statement)
+                    # A file without an epoch is new (or older than v3): it gets one, kept
+                    # for its life. Nothing in it was chained yet, so no id can repeat.
+                    con.execute(
+                        "INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?), "
+                        "('epoch_created_at', ?)",
+                        (str(uuid.uuid4()), datetime.now(UTC).isoformat()),
+                    )
+                    con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            except sqlite3.Error as exc:
+                # Not corruption (the check passed): moving the file aside would leave its
+                # records behind. The transaction rolled back; the file is as it was.
+                raise RuntimeError(
+                    f"outbox {self.path}: creating or upgrading its schema (version "
+                    f"{version} to {SCHEMA_VERSION}) failed, nothing was changed: {exc}"
+                ) from exc
+            return str(con.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0])
         finally:
             con.close()
+
+    @staticmethod
+    def _migrate(con: sqlite3.Connection, version: int) -> None:
+        """Upgrade a file of schema ``version`` (inside the schema transaction).
+
+        Records, dead letters, cursors and counters are never touched: queued records
+        keep their ids and bodies (docs/outbox.md, "Schema versions").
+        """
+        if 0 < version < 2:
+            # v1 kept the last hash per entity_id (a random uuid); v2 keys it by
+            # entity name. Uuids cannot be turned back into names, so the old
+            # table goes: the next overlap read or full re-sync may send an
+            # unchanged version once more.
+            con.execute("DROP TABLE IF EXISTS entity_hashes")
+        if version == 2:
+            # v3 chains ids: each entity's row gains its last version's id. v2 rows keep
+            # their digest (dedupe goes on as before) with no id: the entity's next
+            # version chains from the new epoch, an id no v2 agent ever made.
+            con.execute("ALTER TABLE entity_versions ADD COLUMN last_id TEXT")
 
     def _move_aside(self, reason: str) -> None:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -515,8 +584,12 @@ class Outbox:
 
         Returns after the transaction holding all of them has committed; only then may the
         caller acknowledge its input. Waits while the outbox is over budget (that wait is
-        the backpressure). With ``dedupe``, an entity version whose ``content_hash`` equals
-        the last one appended for that entity is skipped (SQL overlap reads).
+        the backpressure). An entity version whose ``content_hash`` equals the last one
+        appended for that entity is skipped (counted as ``unchanged``); the others are
+        stored under their chained ids, which the result lists (``AppendResult.ids``).
+        ``dedupe`` is accepted for compatibility and ignored: since schema 3 every entity
+        version is deduplicated, because with chained ids an unchanged re-read would
+        otherwise become a new version upstream.
 
         Raises :class:`OutboxWriteError` when the commit failed (disk full, I/O error):
         nothing of this call was stored, and the caller must not acknowledge.
@@ -533,7 +606,7 @@ class Outbox:
         loop = asyncio.get_running_loop()
         item = _Pending(
             rows=rows,
-            versions=[_version(r) for r in records] if dedupe else None,
+            records=records,
             cursors=[] if cursor is None else [cursor] if isinstance(cursor, Cursor) else [*cursor],
             quarantine=list(quarantine),
             future=loop.create_future(),
@@ -656,9 +729,7 @@ class Outbox:
             self._freed()
 
     def _write_group(self, tx: _Tx, group: list[_Pending], leased: AbstractSet[int]) -> None:
-        for item in group:
-            if item.versions is not None:
-                self._dedupe(tx, item)
+        self._link(tx, group)
         if self.when_full == "drop_oldest":
             incoming = sum(r[5] for item in group for r in item.rows)
             self._make_room(tx, group, incoming, leased)
@@ -681,31 +752,51 @@ class Outbox:
         if bad:
             self._write_quarantine(tx, bad)
 
-    def _dedupe(self, tx: _Tx, item: _Pending) -> None:
-        assert item.versions is not None
-        known = dict(
-            tx.con.execute(
-                "SELECT entity, digest FROM entity_versions "
-                "WHERE entity IN (SELECT value FROM json_each(?))",
-                (_json_list(e for e, _ in item.versions),),
-            ).fetchall()
-        )
-        keep: list[_Row] = []
-        latest: dict[str, str] = {}
-        for row, (entity, digest) in zip(item.rows, item.versions, strict=True):
-            if latest.get(entity, known.get(entity)) == digest:
-                item.result.unchanged += 1
-                continue
-            latest[entity] = digest
-            keep.append(row)
-        item.rows = keep
-        if latest:  # one statement, as for the records (see _INSERT_MANY)
-            tx.con.execute(
-                "INSERT INTO entity_versions (entity, digest) "
-                "SELECT key, value FROM json_each(?) WHERE true "
-                "ON CONFLICT(entity) DO UPDATE SET digest = excluded.digest",
-                (orjson.dumps(latest).decode(),),
-            )
+    def _link(self, tx: _Tx, group: list[_Pending]) -> None:
+        """Dedupe and chain the group's entity versions, in append order.
+
+        Two versions of one entity in one group chain one after the other. Everything is
+        decided from ``entity_versions`` inside this transaction, so a commit that fails
+        changes nothing and the next attempt decides the same again.
+        """
+        staged = [
+            [_version(rec) if row[3] == _BUSINESS else None for row, rec in zip(
+                item.rows, item.records, strict=True)]
+            for item in group
+        ]  # fmt: skip
+        names = [v[0] for versions in staged for v in versions if v is not None]
+        if not names:
+            for item in group:
+                item.result.ids = [row[0] for row in item.rows]
+            return
+        known: dict[str, tuple[str, str | None]] = {
+            e: (d, i) for e, d, i in tx.con.execute(_VERSIONS_OF, (_json_list(names),))
+        }  # last_id is NULL for an entity last seen by a v2 agent
+        latest: dict[str, tuple[str, str | None]] = {}
+        epoch = self.epoch
+        for item, versions in zip(group, staged, strict=True):
+            keep: list[_Row] = []
+            ids: list[str | None] = []
+            for row, rec, version in zip(item.rows, item.records, versions, strict=True):
+                if version is None:
+                    keep.append(row)
+                    ids.append(row[0])
+                    continue
+                entity, digest = version
+                last = latest.get(entity) or known.get(entity)
+                if last is not None and last[0] == digest:
+                    item.result.unchanged += 1
+                    ids.append(None)
+                    continue
+                rid, body = chained(rec, epoch if last is None or last[1] is None else last[1])
+                keep.append((rid, row[1], row[2], row[3], row[4], len(body), body))
+                ids.append(rid)
+                latest[entity] = (digest, rid)
+            item.rows = keep
+            item.result.ids = ids
+        if latest:  # key order: neighbouring entities share B-tree pages
+            rows = sorted([e, d, i] for e, (d, i) in latest.items())
+            tx.con.execute(_SET_VERSIONS, (orjson.dumps(rows).decode(),))
 
     def _make_room(
         self, tx: _Tx, group: list[_Pending], incoming: int, leased: AbstractSet[int]
@@ -738,10 +829,13 @@ class Outbox:
         incoming_dropped = 0
         for item in group:  # still over: the incoming readings are the oldest left
             keep = []
-            for row in item.rows:
+            # item.rows are the records with an id in result.ids, in the same order
+            positions = [i for i, rid in enumerate(item.result.ids) if rid is not None]
+            for at, row in zip(positions, item.rows, strict=True):
                 if over > 0 and row[3] == "reading":
                     over -= row[5]
                     item.result.dropped += 1
+                    item.result.ids[at] = None
                 else:
                     keep.append(row)
             item.rows = keep
@@ -1017,6 +1111,7 @@ class Outbox:
             write_errors=self._write_errors,
             last_write_error=self._last_write_error,
             recovered_from=self.recovered_from,
+            epoch=self.epoch,
             write_failing=self._write_failing,
         )
 

@@ -6,7 +6,14 @@ deterministic, so re-reading an unchanged row or a broker redelivering a message
 the same ``id`` and the upstream can drop what it has already seen:
 
 * ``entity_id = uuid5(NS, f"{source}:{entity_type}:{remote_id}")``
-* ``id = uuid5(NS, f"{entity_id}:{content_hash}")`` for entity versions,
+* ``id = uuid5(NS, f"{entity_id}:{content_hash}:{prev}")`` for entity versions, where
+  ``prev`` is the id of the entity's previous version in the same outbox, or the
+  outbox's epoch for its first one (see :func:`chain_id`). Only the outbox knows
+  ``prev``, so :meth:`Record.entity` gives a version a provisional id,
+  ``uuid5(NS, f"{entity_id}:{content_hash}")``, and the outbox writes the chained one
+  into the stored envelope (``AppendResult.ids`` tells the caller). A version equal to
+  the entity's last one is not appended at all, so a re-read changes nothing upstream;
+  one that returns to an earlier content (A, B, A) gets a new id, never an old one.
 * ``id = uuid5(NS, f"{source}:{point}:{observed_at}")`` for readings and events.
 """
 
@@ -35,7 +42,7 @@ _NS_BYTES = NS.bytes
 # The optional C builder (agent/_envelope.c, compiled at install when a C compiler and
 # OpenSSL's headers are there). splice_python below is the reference; the tests hold the
 # two to the same bytes. EDGE_AGENT_PURE_PYTHON=1 turns the C builder off.
-_ENVELOPE_ABI = 1  # what agent._envelope.build takes and returns (its ABI constant)
+_ENVELOPE_ABI = 2  # what agent._envelope's functions take and return (its ABI constant)
 _envelope: Any
 try:
     from agent import _envelope
@@ -166,6 +173,16 @@ def _uuid5_text(h: str) -> str:
     return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 
 
+def chain_id(entity_id: str, content_hash: str, prev: str) -> str:
+    """The id of an entity version: ``uuid5(NS, f"{entity_id}:{content_hash}:{prev}")``.
+
+    ``prev`` is the id of the entity's previous version appended to the same outbox, or
+    that outbox's epoch for its first version. An id names one transition, not one
+    content: A, B, A gives three ids, and a fresh outbox (a new epoch) never repeats one.
+    """
+    return _uuid5(f"{entity_id}:{content_hash}:{prev}")
+
+
 def _time_or_none(value: datetime | date | str | None) -> str | None:
     if value is None or isinstance(value, str):
         return value
@@ -278,7 +295,9 @@ class Record:
     """One change in the unified model, as the upstream receives it (without ``seq``).
 
     Build records with :meth:`entity` or :meth:`reading`, which compute the hash and the
-    deterministic ids; the constructor takes the fields as they are. A record is
+    deterministic ids; the constructor takes the fields as they are. The ``id`` of an
+    entity version is provisional: the outbox stores it under its chained id (see the
+    module docstring), which ``Outbox.append`` returns in ``AppendResult.ids``. A record is
     immutable, its dicts included: :meth:`entity` and :meth:`reading` encode the
     envelope once, when the content hash needs the encoded ``data`` anyway, and
     :meth:`to_json` returns those bytes.
@@ -298,6 +317,9 @@ class Record:
     source_modified_at: str | None = None
     modified_precision: Precision = "second"
     _json: bytes | None = field(default=None, init=False, repr=False, compare=False)
+    _id_at: int = field(default=-1, init=False, repr=False, compare=False)
+    """Where ``id`` starts in ``_json`` (entity versions made by :class:`EntityBuilder`;
+    -1 otherwise): the outbox writes the chained id there without re-encoding."""
 
     @classmethod
     def entity(
@@ -314,7 +336,7 @@ class Record:
         modified_precision: Precision = "second",
         observed_at: datetime | str | None = None,
     ) -> Record:
-        """A version of a business entity; its ``id`` depends only on its content.
+        """A version of a business entity, with its provisional ``id`` (content only).
 
         ``observed_at`` may be given as text already formatted by :func:`format_time`
         (a sync stamps a whole chunk with one time).
@@ -420,8 +442,8 @@ class EntityBuilder:
     """
 
     __slots__ = (
-        "_mid", "_mod", "_obs", "_precision", "_prefix", "_src", "entity_type", "precision",
-        "source",
+        "_id_base", "_mid", "_mod", "_obs", "_precision", "_prefix", "_src", "entity_type",
+        "precision", "source",
     )  # fmt: skip
 
     def __init__(self, source: SourceRef, entity_type: EntityType, precision: Precision) -> None:
@@ -433,6 +455,10 @@ class EntityBuilder:
         self._mid = b'","entity_type":' + (
             _TYPE_JSON.get(entity_type) or dumps(str(entity_type))
         ) + b',"id":"'  # fmt: skip
+        # The id's offset in the envelope, less the lengths of custom and data: the
+        # parts before it are '{"content_hash":"' hash '","custom":' custom ',"data":'
+        # data ',"entity_id":"' entity_id, then _mid (see splice_python).
+        self._id_base = 17 + 71 + 11 + 8 + 14 + 36 + len(self._mid)
         self._precision = b'","modified_precision":' + (
             _PRECISION_JSON.get(precision) or dumps(precision)
         ) + b',"observed_at":'  # fmt: skip
@@ -476,6 +502,7 @@ class EntityBuilder:
         return _new_record(
             rid, eid, self.entity_type, op, self.source, remote_id, observed, chash,
             data, custom, remote_data, modified, self.precision, body,
+            self._id_base + len(c) + len(d),
         )  # fmt: skip
 
 
@@ -519,10 +546,53 @@ def splice_python(  # noqa: PLR0917 - the signature of agent._envelope.build
     return eid, chash, rid, body
 
 
-# What EntityBuilder.build hashes and splices with: C when compiled, else the reference.
+def chain_python(  # noqa: PLR0917 - the signature of agent._envelope.chain
+    ns: bytes,
+    entity_id: str,
+    content_hash: str,
+    prev: str,
+    body: bytes,
+    at: int,
+    provisional: str,
+) -> tuple[str, bytes] | None:
+    """``(id, body)``: the chained id and ``body`` with it in place of ``provisional``.
+
+    The reference of ``agent._envelope.chain``. None when the 36 bytes at ``at`` are not
+    ``provisional`` (a body the builder did not make).
+    """
+    if len(provisional) != 36 or at < 0 or body[at : at + 36] != provisional.encode():
+        return None
+    rid = _uuid5_text(_sha1(ns + f"{entity_id}:{content_hash}:{prev}".encode()).hexdigest())
+    return rid, body[:at] + rid.encode() + body[at + 36 :]
+
+
+# What EntityBuilder.build hashes and splices with, and what chained() chains with: C when
+# compiled, else the references.
 _splice: Callable[..., tuple[str, str, str, bytes]] = (
     splice_python if _envelope is None else _envelope.build
 )
+_chain: Callable[..., tuple[str, bytes] | None] = (
+    chain_python if _envelope is None else _envelope.chain
+)
+
+
+def chained(record: Record, prev: str) -> tuple[str, bytes]:
+    """``(id, envelope)`` of the entity version ``record`` chained from ``prev``.
+
+    The outbox's writer calls this for every version it stores (see :func:`chain_id`).
+    A record from :class:`EntityBuilder` gets its id written over the provisional one in
+    the envelope it already has; any other record is encoded again (slower, same bytes).
+    """
+    body = record._json
+    if body is not None:
+        got = _chain(
+            _NS_BYTES, record.entity_id, record.content_hash, prev, body, record._id_at,
+            record.id,
+        )  # fmt: skip
+        if got is not None:
+            return got
+    rid = chain_id(record.entity_id, record.content_hash, prev)
+    return rid, canonical_json({**record.envelope(), "id": rid})
 
 
 def builder_implementation() -> str:

@@ -35,8 +35,11 @@ from agent.records import EntityType, Record, SourceRef
 from agent.rules.config import RuleConfig
 from agent.rules.engine import RuleEngine
 from agent.rules.output import RuleOutput
+from tests.outbox_helpers import pin_epoch
 
 RULES = TypeAdapter(list[RuleConfig])
+EPOCH = "7d0c3b1e-5f4a-4e2b-9c8d-1a2b3c4d5e6f"
+"""The outbox epoch of every case (see DESIGN.md "Delivery guarantee")."""
 
 
 def _t(text: str) -> datetime:
@@ -97,6 +100,8 @@ class Case:
         source = conf.get("source", {})
         self.ref = SourceRef(source.get("name", "lifts"), "mqtt", source.get("site", "site-a"))
         self.folder = folder
+        # A fixed epoch: the stored ids of entity versions (requests) are chained from it.
+        pin_epoch(workdir / "outbox.db", EPOCH)
         self.box = Outbox(workdir / "outbox.db")
         self.flaky = FlakyOutbox(self.box)
         self.out: RuleOutput | None = None

@@ -59,8 +59,7 @@ async def test_reload_with_a_new_token_ends_reauthorization(
     path = write_config(tmp_path, receiver.url, "old-token")
     agent, task = await start_agent(path)
     try:
-        records = make_records(50)
-        await agent.outbox.append(records)
+        ids = (await agent.outbox.append(make_records(50))).ids
         await wait_for(lambda: agent.forwarder.state == REAUTH, what="401 seen")
         status = await agent.status()
         assert status["upstream"]["state"] == "reauthorization_required"
@@ -70,7 +69,7 @@ async def test_reload_with_a_new_token_ends_reauthorization(
         assert await agent.reload()
         # The probe interval is 10 minutes: only the reload's wake-up can deliver now.
         await wait_for(lambda: receiver.store.count() >= 52, what="delivered after reload")
-        assert {r.id for r in records} <= receiver.store.ids()
+        assert set(ids) <= receiver.store.ids()
         assert (await agent.status())["upstream"]["state"] == "ok"
     finally:
         agent.request_stop()
@@ -80,13 +79,12 @@ async def test_reload_with_a_new_token_ends_reauthorization(
 async def test_stop_drains_what_is_queued(tmp_path: Path, receiver: Receiver) -> None:
     agent, task = await start_agent(write_config(tmp_path, receiver.url, receiver.token))
     await receiver.stop()
-    records = make_records(300)
-    await agent.outbox.append(records)
+    ids = (await agent.outbox.append(make_records(300))).ids
     await wait_for(lambda: agent.forwarder.state == "retrying", what="upstream down")
     agent.request_stop()
     await receiver.start()  # back while the agent is draining
     assert await task == 0
-    assert receiver.store.ids() == {r.id for r in records}
+    assert receiver.store.ids() == set(ids)
     async with Outbox(tmp_path / "outbox.db") as box:
         assert sum((await box.stats()).rows.values()) == 0
 
@@ -111,9 +109,8 @@ async def test_daemon_sighup_with_new_token_then_sigterm(
 ) -> None:
     """The real process: records queued before start, 401, SIGHUP with a new token."""
     root = Path(__file__).resolve().parent.parent
-    records = make_records(40)
     async with Outbox(tmp_path / "outbox.db") as box:
-        await box.append(records)
+        ids = (await box.append(make_records(40))).ids
     path = write_config(tmp_path, receiver.url, "stale-token")
     proc = subprocess.Popen(
         [sys.executable, "-m", "agent", "--config", str(path), "run"],
@@ -132,5 +129,5 @@ async def test_daemon_sighup_with_new_token_then_sigterm(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert {r.id for r in records} <= receiver.store.ids()
+    assert set(ids) <= receiver.store.ids()
     assert receiver.log[0]["status"] == 401

@@ -12,10 +12,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 import trustme
 from upstream_support import (  # fixtures are used by name
+    SOURCE,
     TOKEN,
     make_records,
     make_settings,
@@ -26,8 +28,9 @@ from upstream_support import (  # fixtures are used by name
 from agent.forwarder import REAUTH, RETRYING, Forwarder
 from agent.outbox import Outbox
 from agent.receiver import Receiver, running_receiver
-from agent.records import Record
+from agent.records import EntityType, Record
 from tests.helpers.waiting import free_port, wait_for, wait_port
+from tests.outbox_helpers import chained_ids, reading
 
 
 class Harness:
@@ -52,8 +55,12 @@ class Harness:
     async def wait_delivered(self, timeout: float = 30.0) -> None:
         await wait_for(self.delivered, timeout, "outbox drained")
 
+    def ids(self, records: list[Record]) -> list[str]:
+        """The ids ``records``, all appended in this order, are stored and sent under."""
+        return [i for i in chained_ids(self.outbox.epoch, records) if i is not None]
+
     def check_store(self, records: list[Record], rejected: set[str] = frozenset()) -> None:  # type: ignore[assignment]
-        assert self.receiver.store.ids() == {r.id for r in records} - rejected
+        assert self.receiver.store.ids() == set(self.ids(records)) - rejected
         assert self.receiver.store.order_violations() == []
 
 
@@ -154,12 +161,8 @@ async def test_401_then_new_token_by_reconfigure(start: Start, tmp_path: Path) -
     new = make_settings(tmp_path, harness.receiver.url, token="rotated-token")
     harness.forwarder.reconfigure(new)
     await harness.wait_delivered()
-    assert set(records_ids(records)) <= harness.receiver.store.ids()
+    assert set(harness.ids(records)) <= harness.receiver.store.ids()
     assert harness.receiver.store.order_violations() == []
-
-
-def records_ids(records: list[Record]) -> list[str]:
-    return [r.id for r in records]
 
 
 async def test_413_splits_until_batches_fit(start: Start) -> None:
@@ -190,16 +193,16 @@ async def test_413_on_a_single_record_dead_letters_it(start: Start) -> None:
 async def test_poison_record_is_isolated_and_the_rest_delivered(start: Start, mode: str) -> None:
     harness = await start()
     records = make_records(100, entities=7)
-    poison = records[37]
-    harness.receiver.faults.update({"reject_pattern": poison.id, "reject_mode": mode})
+    poison = harness.ids(records)[37]
+    harness.receiver.faults.update({"reject_pattern": poison, "reject_mode": mode})
     await harness.append(records)
     await harness.wait_delivered()
-    harness.check_store(records, rejected={poison.id})
+    harness.check_store(records, rejected={poison})
     dead = await harness.outbox.dead_letters()
-    assert [d["id"] for d in dead] == [poison.id]
+    assert [d["id"] for d in dead] == [poison]
     if mode == "batch":
         assert "HTTP 400 poison_record" in dead[0]["reason"]
-        assert f"record {poison.id} is refused" in dead[0]["reason"]
+        assert f"record {poison} is refused" in dead[0]["reason"]
         assert harness.forwarder.counters.bisections >= 7
     else:
         assert dead[0]["reason"].startswith("rejected poison:")
@@ -247,7 +250,8 @@ async def test_order_per_entity_holds_at_concurrency_with_failures(start: Start)
 
 async def test_same_id_twice_in_a_batch_is_acked_twice(start: Start) -> None:
     harness = await start()
-    records = make_records(3)
+    # Readings: an entity version equal to the one before it is not even appended.
+    records = [reading("meter", n) for n in range(3)]
     await harness.append([records[0], records[1], records[0], records[2]])
     await harness.wait_delivered()
     harness.check_store(records)
@@ -388,7 +392,8 @@ async def test_mutual_tls_client_certificate(
 async def test_records_missing_from_an_answer_are_sent_again(start: Start) -> None:
     harness = await start()
     records = make_records(10)
-    harness.receiver.faults.update({"omit_pattern": f"^({records[3].id}|{records[7].id})$"})
+    ids = harness.ids(records)
+    harness.receiver.faults.update({"omit_pattern": f"^({ids[3]}|{ids[7]})$"})
     await harness.append(records)
     await harness.wait_delivered()
     harness.check_store(records)
@@ -407,3 +412,63 @@ async def test_drain_does_not_wait_while_credentials_are_refused(start: Start) -
     # Nothing was lost: the records, and the connection_status record (appended in the
     # background), wait in the outbox.
     await wait_for(lambda: _undelivered_is(harness, 4), what="4 queued")
+
+
+def wo_version(remote_id: str, status: str) -> Record:
+    """A version of one work order whose content is ``status``."""
+    return Record.entity(SOURCE, EntityType.WORK_ORDER, remote_id, {"status": status})
+
+
+@pytest.mark.parametrize("statuses", ["ABA", "ABAB"])
+async def test_a_return_to_an_earlier_content_reaches_the_upstream(
+    start: Start, statuses: str
+) -> None:
+    """Regression (issue 17): the third version of A, B, A had the first one's id, so the
+    upstream answered "duplicate" and kept B forever. Chained ids make each a version."""
+    harness = await start()
+    results = [await harness.outbox.append([wo_version("wo-1", s)]) for s in statuses]
+    await harness.wait_delivered()
+    latest = harness.receiver.store.latest(SOURCE.name, "work_order")
+    assert latest["wo-1"]["data"] == {"status": statuses[-1]}
+    assert harness.receiver.store.count() == len(statuses)
+    assert harness.forwarder.counters.duplicates == 0
+    ids = [r.ids[0] for r in results]
+    assert len(set(ids)) == len(statuses)
+    assert harness.receiver.store.ids() == set(ids)
+    assert latest["wo-1"]["id"] == ids[-1]
+    # The same through the receiver's API.
+    async with httpx.AsyncClient(base_url=harness.receiver.url) as client:
+        got = await client.get(
+            "/v1/latest",
+            params={"source": SOURCE.name, "entity_type": "work_order"},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
+    assert [r["data"] for r in got.json()["records"]] == [{"status": statuses[-1]}]
+
+
+async def test_after_an_outbox_loss_unchanged_entities_are_sent_again_with_new_ids(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """A fresh outbox (a corrupt one was moved aside) has a new epoch: what a re-sync
+    appends again gets new ids, so it is never dropped as a duplicate of an older id."""
+    settings = make_settings(tmp_path, receiver.url)
+    sent: list[str | None] = []
+    for name, statuses in (("one.db", "AB"), ("two.db", "B")):
+        async with Outbox(tmp_path / name) as box:
+            forwarder = Forwarder(box, settings.upstream, "agent-test")
+            await forwarder.start()
+            try:
+                for status in statuses:
+                    sent += (await box.append([wo_version("wo-1", status)])).ids
+                await wait_for(lambda b=box: _drained(b), what="delivered")
+            finally:
+                await forwarder.stop()
+    assert len(set(sent)) == 3
+    assert receiver.store.ids() == set(sent)
+    assert receiver.store.stats()["duplicates"] == 0
+    latest = receiver.store.latest(SOURCE.name, "work_order")
+    assert (latest["wo-1"]["id"], latest["wo-1"]["data"]) == (sent[-1], {"status": "B"})
+
+
+async def _drained(box: Outbox) -> bool:
+    return sum((await box.stats()).rows.values()) == 0

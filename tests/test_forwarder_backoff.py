@@ -82,8 +82,7 @@ async def test_an_upstream_refusing_everything_gets_requests_at_the_backoff_pace
     outbox: Outbox, receiver: Receiver, forwarder: Forwarder, fault: str
 ) -> None:
     receiver.faults.update(FAULTS[fault])
-    records = make_records(RECORDS, entities=RECORDS)
-    await outbox.append(records)
+    ids = (await outbox.append(make_records(RECORDS, entities=RECORDS))).ids
     with capture_logs() as logs:
         await forwarder.start()
         await wait_for(lambda: receiver.log, what="a first request")
@@ -103,7 +102,7 @@ async def test_an_upstream_refusing_everything_gets_requests_at_the_backoff_pace
     receiver.faults.update({"max_body_bytes": None, "reject_pattern": None, "omit_pattern": None})
     await wait_for(lambda: _settled(outbox), 120, "every record delivered or dead-lettered")
     dead = {d["id"]: d["reason"] for d in await outbox.dead_letters()}
-    assert receiver.store.ids() | set(dead) == {r.id for r in records}
+    assert receiver.store.ids() | set(dead) == set(ids)
     if fault == "413_forever":
         assert all(reason.startswith("too large even alone: HTTP 413") for reason in dead.values())
     elif fault == "400_forever":
@@ -121,12 +120,12 @@ async def test_a_record_still_too_large_alone_is_dead_lettered_with_the_reason(
 ) -> None:
     small = make_records(3, entities=3)
     big = Record.entity(SOURCE, EntityType.WORK_ORDER, "wo-big", {"blob": "x" * 4000})
-    await outbox.append([*small[:2], big, small[2]])
+    stored = await outbox.append([*small[:2], big, small[2]])
     receiver.faults.update({"max_body_bytes": 3000})
     await forwarder.start()
     await wait_for(lambda: _settled(outbox), 60, "all settled")
     (dead,) = await outbox.dead_letters()
-    assert dead["id"] == big.id
+    assert dead["id"] == stored.ids[2]
     assert dead["reason"].startswith("too large even alone: HTTP 413 payload_too_large")
     assert "request_id=" in dead["reason"]
-    assert receiver.store.ids() == {r.id for r in small}
+    assert receiver.store.ids() == {stored.ids[i] for i in (0, 1, 3)}

@@ -15,7 +15,7 @@ from agent.errors import OutboxWriteError
 from agent.outbox import Cursor, Outbox, Quarantined
 from agent.records import EntityType, Record, SourceRef
 from tests.helpers.waiting import wait_for
-from tests.outbox_helpers import reading, work_order
+from tests.outbox_helpers import reading, stored_json, work_order
 
 
 @pytest.fixture
@@ -44,10 +44,10 @@ async def test_append_lease_ack_in_order(box: Outbox) -> None:
     result = await box.append(recs)
     assert result.stored == 5
     leased = await box.lease(10, 10**6)
-    assert ids(leased) == [r.id for r in recs]
+    assert ids(leased) == result.ids
     body = orjson.loads(leased[0].body)
     assert body["seq"] == leased[0].seq
-    assert body["id"] == recs[0].id
+    assert body["id"] == result.ids[0]
     assert body["data"] == recs[0].data
     assert await box.ack([x.seq for x in leased[:3]]) == 3
     stats = await box.stats()
@@ -64,15 +64,16 @@ async def test_large_groups_are_split_and_keep_order_and_bytes(
     monkeypatch.setattr(outbox_module, "_INSERT_MANY_BYTES", 2000)
     recs = [work_order(f"WO{i}", pad=i * 37) for i in range(40)]  # 200 B to 1.7 KB each
     async with Outbox(tmp_path / "outbox.db") as box:
-        assert (await box.append(recs)).stored == 40
+        result = await box.append(recs)
+        assert result.stored == 40
         leased = await box.lease(100, 10**8)
         stats = await box.stats()
-    assert ids(leased) == [r.id for r in recs]
+    assert ids(leased) == result.ids
     assert [x.seq for x in leased] == sorted(x.seq for x in leased)
-    for rec, got in zip(recs, leased, strict=True):
+    for rec, rid, got in zip(recs, result.ids, leased, strict=True):
         body = orjson.loads(got.body)
         del body["seq"]
-        assert orjson.dumps(body, option=orjson.OPT_SORT_KEYS) == rec.to_json()
+        assert orjson.dumps(body, option=orjson.OPT_SORT_KEYS) == stored_json(rec, rid)
     assert stats.rows["business"] == 40
     assert stats.bytes["business"] == sum(len(r.to_json()) for r in recs)
 
@@ -137,51 +138,51 @@ async def test_failed_commit_stores_neither_records_nor_cursor(tmp_path: Path) -
 
 async def test_dedupe_skips_unchanged_versions_only(box: Outbox) -> None:
     v1 = [work_order(f"WO{i}", 1) for i in range(4)]
-    assert (await box.append(v1, dedupe=True)).stored == 4
-    again = await box.append([work_order(f"WO{i}", 1) for i in range(4)], dedupe=True)
+    assert (await box.append(v1)).stored == 4
+    again = await box.append([work_order(f"WO{i}", 1) for i in range(4)])
     assert (again.stored, again.unchanged) == (0, 4)
-    changed = await box.append([work_order("WO0", 2), work_order("WO1", 1)], dedupe=True)
+    changed = await box.append([work_order("WO0", 2), work_order("WO1", 1)])
     assert (changed.stored, changed.unchanged) == (1, 1)
-    back = await box.append([work_order("WO0", 1)], dedupe=True)  # reverted: a new version
+    back = await box.append([work_order("WO0", 1)])  # reverted: a new version
     assert back.stored == 1
 
 
 async def test_dedupe_state_survives_reopen_and_is_per_source(tmp_path: Path) -> None:
     async with Outbox(tmp_path / "outbox.db") as box:
-        await box.append([work_order("WO1", 1), work_order("WO2", 1)], dedupe=True)
+        await box.append([work_order("WO1", 1), work_order("WO2", 1)])
     async with Outbox(tmp_path / "outbox.db") as box:
-        again = await box.append([work_order("WO1", 1), work_order("WO2", 2)], dedupe=True)
+        again = await box.append([work_order("WO1", 1), work_order("WO2", 2)])
         assert (again.stored, again.unchanged) == (1, 1)
         # Same remote id and content from another source: another entity, stored.
         other = Record.entity(
             SourceRef("other", "test", "site-1"), EntityType.WORK_ORDER, "WO1",
             work_order("WO1", 1).data,
         )  # fmt: skip
-        assert (await box.append([other], dedupe=True)).stored == 1
+        assert (await box.append([other])).stored == 1
 
 
 async def test_schema_v1_file_is_migrated_keeping_records_and_cursors(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     async with Outbox(path) as box:
-        await box.append([work_order("WO1", 1)], Cursor("s", "k", 7), dedupe=True)
+        first = await box.append([work_order("WO1", 1)], Cursor("s", "k", 7))
     # Turn the file back into what a v1 agent left: the old dedupe table, version 1.
     con = sqlite3.connect(path, isolation_level=None)
     con.executescript(
         "DROP TABLE entity_versions; "
         "CREATE TABLE entity_hashes (entity_id TEXT PRIMARY KEY, content_hash TEXT NOT NULL) "
         "WITHOUT ROWID; INSERT INTO entity_hashes VALUES ('e', 'sha256:00'); "
-        "PRAGMA user_version=1;"
+        "DROP TABLE meta; PRAGMA user_version=1;"
     )
     con.close()
     async with Outbox(path) as box:
         assert await box.cursor("s", "k") == 7
-        assert ids(await box.lease(10, 10**6)) == [work_order("WO1", 1).id]
+        assert ids(await box.lease(10, 10**6)) == first.ids
         # The v1 hashes are gone (uuids cannot be mapped to names): one re-send, no loss.
-        assert (await box.append([work_order("WO1", 1)], dedupe=True)).stored == 1
-        assert (await box.append([work_order("WO1", 1)], dedupe=True)).unchanged == 1
+        assert (await box.append([work_order("WO1", 1)])).stored == 1
+        assert (await box.append([work_order("WO1", 1)])).unchanged == 1
     con = sqlite3.connect(path)
     tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert con.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 3
     con.close()
     assert "entity_hashes" not in tables
     assert "entity_versions" in tables

@@ -29,9 +29,9 @@ async def test_concurrent_leases_are_disjoint(tmp_path: Path) -> None:
         records = [_wo("x", 0)]
         for i in range(40):
             records += [_wo(f"free-{i}", i)] + [_wo("x", i * 10 + k + 1) for k in range(8)]
-        await box.append(records)
+        stored = await box.append(records)
         first = await box.lease(1, 1 << 20)
-        assert first[0].id == records[0].id
+        assert first[0].id == stored.ids[0]
         leases = await asyncio.gather(*(box.lease(5, 1 << 20) for _ in range(4)))
         seqs = [item.seq for lease in leases for item in lease]
         assert len(seqs) == len(set(seqs)), "a record was leased twice"

@@ -97,13 +97,13 @@ class OutboxMachine(RuleBasedStateMachine):
             self.version += 1
             recs.append(reading("meter", self.version))
         cur = Cursor("src", "wm", cursor) if cursor is not None else None
-        self.run(self.box.append(recs, cur))
+        result = self.run(self.box.append(recs, cur))
         if cursor is not None:
             self.model.cursors["wm"] = cursor
         # learn the seqs the outbox assigned: the newest len(recs) rows, in order
         if recs:
             got = self.run(self._tail(len(recs)))
-            assert [g[1] for g in got] == [r.id for r in recs]
+            assert [g[1] for g in got] == result.ids
             assert all(g[0] > max(self.model.rows, default=0) for g in got)
             for (seq, rid), r in zip(got, recs, strict=True):
                 self.model.rows[seq] = Row(seq, rid, r.entity_id)

@@ -109,6 +109,57 @@ def test_c_builder_rejects_wrong_arguments_instead_of_crashing() -> None:
         _envelope.build(b"short", *good[1:])
 
 
+@needs_c
+@settings(max_examples=300)
+@given(
+    remote_id=st.text(),
+    data=_dicts,
+    prev=st.uuids().map(str) | st.text(),
+    shift=st.sampled_from([0, 0, 0, -1, 1, -10_000, 10_000]),
+)
+def test_c_chain_equals_the_reference(
+    remote_id: str, data: dict[str, Any], prev: str, shift: int
+) -> None:
+    """The writer's step: the chained id in place of the provisional one, same bytes in
+    C and Python; a wrong offset (``shift``) is refused by both, never patched."""
+    try:
+        rec = records.Record.entity(SourceRef("s", "sql"), EntityType.ASSET, remote_id, data)
+    except Exception:  # not encodable: test_c_builder_equals_the_reference covers it
+        return
+    args = (records.NS.bytes, rec.entity_id, rec.content_hash, prev, rec.to_json(),
+            rec._id_at + shift, rec.id)  # fmt: skip
+    got = records._envelope.chain(*args)
+    assert got == records.chain_python(*args)
+    if shift:
+        assert got is None
+        return
+    assert got is not None
+    rid, body = got
+    assert rid == records.chain_id(rec.entity_id, rec.content_hash, prev)
+    assert body == records.canonical_json({**rec.envelope(), "id": rid})
+    assert records.chained(rec, prev) == got
+
+
+@needs_c
+def test_c_chain_rejects_wrong_arguments_instead_of_crashing() -> None:
+    from agent import _envelope  # noqa: PLC0415
+
+    rid = "6d7bd69b-96ea-547d-a514-db3e83dc4493"
+    good: list[Any] = [b"n" * 16, "e", "h", "p", b'{"id":"' + rid.encode() + b'"}', 7, rid]
+    assert _envelope.chain(*good) is not None
+    with pytest.raises(TypeError, match="7 arguments"):
+        _envelope.chain(*good[:6])
+    with pytest.raises(TypeError, match="prev must be str"):
+        _envelope.chain(*good[:3], b"p", *good[4:])
+    with pytest.raises(TypeError, match="body must be bytes"):
+        _envelope.chain(*good[:4], "body", *good[5:])
+    with pytest.raises(ValueError, match="16 bytes"):
+        _envelope.chain(b"short", *good[1:])
+    with pytest.raises(TypeError):
+        _envelope.chain(*good[:5], "7", rid)
+    assert _envelope.chain(*good[:5], 2**62, rid) is None
+
+
 def test_pure_python_can_be_forced() -> None:
     """EDGE_AGENT_PURE_PYTHON=1 runs the reference, whatever is compiled."""
     code = "from agent.records import builder_implementation as b; print(b())"

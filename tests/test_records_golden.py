@@ -10,6 +10,11 @@ deliberate; this file is what proves the fast paths did not change them.
 byte for byte, so a failure shows what moved. The SQL and MQTT cases run the real mapping
 paths (declarative sync over a SQLite CMMS, the MQTT mapper) with fixed times.
 
+Entity versions are stored under chained ids (schema 3), which depend on the outbox's
+epoch: the SQL case pins it (``EPOCH``). ``SQL_GOLDEN`` is what the outbox stores;
+``SQL_UNCHAINED`` is the same bodies with the provisional id put back, and kept the
+value it had before chaining existed: proof that chaining moved the ids and nothing else.
+
 To regenerate after a DELIBERATE format change (never for a speed-up):
 ``python -m tests.test_records_golden``.
 """
@@ -39,6 +44,7 @@ from agent.records import (
     Record,
     SourceRef,
     canonical_json,
+    chain_id,
     connection_status,
 )
 from agent.sources.base import SourceContext
@@ -47,10 +53,12 @@ from agent.sources.mqtt.mapping import Mapper
 from agent.sources.sql import SqlSource, SqlSourceConfig
 from tests.helpers import strategies
 from tests.helpers.builders import BUILDERS, using
+from tests.outbox_helpers import pin_epoch
 
 T0 = datetime(2026, 11, 22, 9, 0, 3, 120456, tzinfo=UTC)
 SAP = SourceRef("sap-prd", "sap_ecc", "plant-1000")
 NOSITE = SourceRef("cmms", "sql")
+EPOCH = "0e5c6d1f-2a3b-4c4d-9e5f-60718293a4b5"
 
 
 # ---------------------------------------------------------------------- the reference
@@ -226,6 +234,7 @@ async def sql_bodies(tmp: Path, mapped: bool) -> list[bytes]:
     tmp.mkdir(parents=True, exist_ok=True)
     url = _cmms(tmp / "cmms.db")
     source = SqlSource("cmms", _sql_config(url, mapped), SourceContext("a", "plant-1"))
+    pin_epoch(tmp / "outbox.db", EPOCH)
     async with Outbox(tmp / "outbox.db") as box:
         try:
             await source.sync_once(box)
@@ -240,6 +249,16 @@ async def sql_bodies(tmp: Path, mapped: bool) -> list[bytes]:
     for body in bodies:
         observed = orjson.loads(body)["observed_at"]
         out.append(body.replace(observed.encode(), b"<observed_at>"))
+    return out
+
+
+def unchained(bodies: list[bytes]) -> list[bytes]:
+    """``bodies`` with each stored (chained) id replaced by the record's provisional id."""
+    out = []
+    for body in bodies:
+        env = orjson.loads(body)
+        provisional = str(uuid.uuid5(NS, f"{env['entity_id']}:{env['content_hash']}"))
+        out.append(body.replace(env["id"].encode(), provisional.encode()))
     return out
 
 
@@ -352,10 +371,19 @@ FULL: dict[str, bytes] = {
     b':"lift-7/motor_temp","source":{"name":"sap-prd","site":"plant-1000","system":"sa'
     b'p_ecc"},"source_modified_at":"2026-11-22T09:00:03.120Z"}',
 }
-SQL_GOLDEN: dict[str, tuple[int, str]] = {
+SQL_UNCHAINED: dict[str, tuple[int, str]] = {
     "False": (7, "f8701d1a4abd69b7bd520b3abec159307c4c5a832fdabd0e44537667692df9ab"),
     "True": (7, "40c5b104a8bd10fcfbdea5012aae78dc8a4b6d87d8e5c7551987c7d77249fae2"),
 }
+SQL_GOLDEN: dict[str, tuple[int, str]] = {
+    "False": (7, "c7de3f5ec32c3123b90ab8a67821cb6c9287119ff8e2c282262bde436fc47eda"),
+    "True": (7, "d4f13202bd76295167b2b1a7c1b4890e24f07ebe7f6053f951d78499dd94782b"),
+}
+CHAINED: list[str] = [
+    "71d0f051-0384-59c0-8fe2-97847955eddf",
+    "97e8573d-94b7-5c5d-b105-f4114ab017ba",
+    "010276de-d0d5-5835-a956-f1158762af3c",
+]
 MQTT_GOLDEN: tuple[int, str] = (
     7,
     "5c8b86615ea76c6c6cae0d933306ae429cf877aca25740750081227f03d23b9a",
@@ -395,6 +423,22 @@ async def test_sql_sync_envelopes_are_unchanged(tmp_path: Path, builder: str) ->
         with using(builder):
             bodies = await sql_bodies(tmp_path / str(mapped), mapped)
         assert (len(bodies), digest(bodies)) == SQL_GOLDEN[str(mapped)]
+        assert (len(bodies), digest(unchained(bodies))) == SQL_UNCHAINED[str(mapped)]
+        for body in bodies:  # seven entities, one version each: chained from the epoch
+            env = orjson.loads(body)
+            name = f"{env['entity_id']}:{env['content_hash']}:{EPOCH}"
+            assert env["id"] == str(uuid.uuid5(NS, name))
+
+
+def test_chained_ids_are_unchanged() -> None:
+    """``id = uuid5(NS, f"{entity_id}:{content_hash}:{prev}")``, pinned: A, B, A of one
+    entity from an epoch gives three ids, the third not the first."""
+    a, b = record_cases()["entity_plain"], record_cases()["entity_full"]
+    first = chain_id(a.entity_id, a.content_hash, EPOCH)
+    second = chain_id(a.entity_id, b.content_hash, first)
+    third = chain_id(a.entity_id, a.content_hash, second)
+    assert first == str(uuid.uuid5(NS, f"{a.entity_id}:{a.content_hash}:{EPOCH}"))
+    assert [first, second, third] == CHAINED
 
 
 def test_mqtt_envelopes_are_unchanged() -> None:
@@ -482,6 +526,11 @@ def _generate() -> None:  # pragma: no cover - run by hand, see the module docst
             bodies = asyncio.run(sql_bodies(Path(tmp) / str(mapped), mapped))
             sql[str(mapped)] = (len(bodies), digest(bodies))
     print("SQL_GOLDEN: dict[str, tuple[int, str]] = " + pprint.pformat(sql, width=96))
+    a, b = cases["entity_plain"], cases["entity_full"]
+    chained = [chain_id(a.entity_id, a.content_hash, EPOCH)]
+    chained.append(chain_id(a.entity_id, b.content_hash, chained[-1]))
+    chained.append(chain_id(a.entity_id, a.content_hash, chained[-1]))
+    print(f"CHAINED: list[str] = {chained!r}")
     bodies = mqtt_bodies()
     print(f"MQTT_GOLDEN: tuple[int, str] = {(len(bodies), digest(bodies))!r}")
 

@@ -17,12 +17,15 @@ NOT_COMPILED = "agent._envelope is not compiled (needs gcc and libssl-dev; pip i
 
 @contextmanager
 def using(name: str) -> Iterator[None]:
-    """Build entity versions with the ``name`` builder for the duration."""
+    """Build (and chain) entity versions with the ``name`` builder for the duration."""
     if name == "c" and records._envelope is None:
         pytest.skip(NOT_COMPILED)
-    saved = records._splice
-    records._splice = records.splice_python if name == "python" else records._envelope.build
+    saved = records._splice, records._chain
+    if name == "python":
+        records._splice, records._chain = records.splice_python, records.chain_python
+    else:
+        records._splice, records._chain = records._envelope.build, records._envelope.chain
     try:
         yield
     finally:
-        records._splice = saved
+        records._splice, records._chain = saved

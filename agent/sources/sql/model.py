@@ -102,12 +102,12 @@ class EntitySpec:
 
     @property
     def dedupe(self) -> bool:
-        """Skip versions equal to the last one appended (outbox ``dedupe``)?
+        """Are rows of this entity read more than once by design?
 
-        Needed when rows are read more than once by design: overlap re-reads, snapshot
-        feeds, or several feeds per entity (SAP: AEDAT and JCDS). An entity keeps one
-        mode for its life, because the outbox only remembers hashes of deduplicated
-        appends; without it, re-sent rows simply carry equal ids (the upstream drops them).
+        Overlap re-reads, snapshot feeds, several feeds per entity (SAP: AEDAT and JCDS).
+        Passed to the outbox as ``dedupe``, which ignores it since schema 3: it skips
+        every entity version equal to the entity's last one, because with chained ids a
+        re-read row would otherwise go upstream as a new version (docs/outbox.md).
         """
         return len(self.feeds) > 1 or any(f.overlap > 0 or f.snapshot for f in self.feeds)
 
