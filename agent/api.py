@@ -184,7 +184,7 @@ class AgentCollector(Collector):
                 if not isinstance(d, dict):
                     continue
                 key = [name, device]
-                up.add_metric(key, 0 if d.get("state") in {"offline", "disconnected"} else 1)
+                up.add_metric(key, 0 if d.get("state") in DEVICE_DOWN_STATES else 1)
                 polls.add_metric(key, d.get("polls", 0))
                 failures.add_metric(key, d.get("failures", 0))
                 overruns.add_metric(key, d.get("overruns", 0))
@@ -220,10 +220,15 @@ _OK_STATES = {"running", "connected", "ok", "idle", "completed", "disabled"}
 NOT_READY_STATES = frozenset({"failed", "reauthorization_required", "disconnected", "reconnecting"})
 
 
+# A Modbus device that does not answer: demoted (failed its polls, probed slowly) or
+# offline (its connection is down).
+DEVICE_DOWN_STATES = frozenset({"demoted", "offline"})
+
+
 def _devices_down(source_status: dict[str, Any]) -> list[str]:
-    """Names of a Modbus source's devices that do not answer (offline or disconnected)."""
+    """Names of a Modbus source's devices that do not answer (demoted or offline)."""
     devices = source_status.get("devices") or {}
-    return sorted(n for n, d in devices.items() if d.get("state") in {"offline", "disconnected"})
+    return sorted(n for n, d in devices.items() if d.get("state") in DEVICE_DOWN_STATES)
 
 
 def readiness(status: dict[str, Any], max_oldest_age: float) -> list[str]:

@@ -151,8 +151,12 @@ def test_readiness_decision_table() -> None:
     reasons, warnings = decide({"state": "degraded", "devices": devices("online", "offline")})
     assert reasons == []
     assert warnings == ["source s is degraded: devices not answering: d1"]
+    # one unit failing its polls (demoted, probed slowly): the same
+    reasons, warnings = decide({"state": "degraded", "devices": devices("demoted", "online")})
+    assert reasons == []
+    assert warnings == ["source s is degraded: devices not answering: d0"]
     # no device answers at all: that source moves no data
-    reasons, warnings = decide({"state": "degraded", "devices": devices("disconnected", "offline")})
+    reasons, warnings = decide({"state": "degraded", "devices": devices("demoted", "offline")})
     assert reasons == ["source s: no device answers (d0, d1)"]
     assert warnings == []
     # an SQL entity whose sync fails and is retried

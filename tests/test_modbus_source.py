@@ -15,7 +15,8 @@ from agent.sources.base import SourceContext
 from agent.sources.modbus import ModbusConfig, ModbusSource
 from agent.sources.modbus.codec import encode
 from agent.sources.modbus.config import ConnectionConfig
-from agent.sources.modbus.poller import ConnectionWorker, make_client
+from agent.sources.modbus.line import Hooks, make_client
+from agent.sources.modbus.poller import ConnectionWorker
 from tests.helpers.cancel import assert_stops_after_swallowed_cancel, swallowing
 from tests.helpers.waiting import free_port, wait_for
 from tests.modbus_sim import MemoryOutput, MuteProxy, running, sim_device, start_server
@@ -180,8 +181,8 @@ async def test_a_cancellation_swallowed_inside_a_read_still_stops_the_worker() -
     class SwallowingClient:
         """The real pymodbus client; its reads behave like 3.11's wait_for at a cancel."""
 
-        def __init__(self, conf: ConnectionConfig) -> None:
-            self._real = make_client(conf)
+        def __init__(self, conf: ConnectionConfig, hooks: Hooks) -> None:
+            self._real = make_client(conf, hooks)
 
         def __getattr__(self, name: str) -> Any:
             return getattr(self._real, name)
@@ -225,7 +226,7 @@ async def test_mute_unit_does_not_stall_a_healthy_unit_on_the_same_connection() 
             "healthy": {"connection": "gw", "unit_id": 1, "interval": "30ms",
                         "points": [{"name": "v", "address": 0}]},
             "mute": {"connection": "gw", "unit_id": 2, "interval": "30ms",
-                     "failures_before_offline": 2, "offline_interval": "1h",
+                     "demote_after": 2, "demote_for": "1h",
                      "points": [{"name": "v", "address": 0}]},
         },
     )  # fmt: skip
@@ -234,27 +235,30 @@ async def test_mute_unit_does_not_stall_a_healthy_unit_on_the_same_connection() 
     healthy, mute = source.devices["healthy"], source.devices["mute"]
     try:
         async with running(source, out):
-            await wait_for(lambda: mute.state == "offline")
-            polls_when_offline = healthy.polls
-            await wait_for(lambda: healthy.polls >= polls_when_offline + 20)
+            await wait_for(lambda: mute.state == "demoted")
+            polls_when_demoted = healthy.polls
+            await wait_for(lambda: healthy.polls >= polls_when_demoted + 20)
     finally:
         await proxy.stop()
         await server.shutdown()
     assert healthy.state == "online"
     assert healthy.failures == 0
-    # Two failed polls of two attempts each, then no probe within the offline interval.
-    assert mute.requests_sent == 4 == proxy.swallowed
+    # Two failed polls of one attempt each (retries are for units that answered their
+    # last poll), then no probe within demote_for.
+    assert mute.requests_sent == 2 == proxy.swallowed
     assert mute.polls == 2
     assert source.workers["gw"].reconnects == 0
     status = source.status()
     assert status["state"] == "degraded"
-    assert status["devices"]["mute"]["state"] == "offline"
+    assert status["devices"]["mute"]["state"] == "demoted"
     assert status["devices"]["mute"]["last_error"] == "no answer (timeout)"
+    assert status["devices"]["mute"]["errors"] == {"timeout": 2}
+    assert status["devices"]["mute"]["demotions"] == 1
     states = [
         r.data["state"] for r in out.records
         if r.entity_type == "connection_status" and r.data["device"] == "mute"
     ]  # fmt: skip
-    assert states == ["offline"]
+    assert states == ["demoted"]
     assert all(r.remote_id == "healthy.v" for r in out.records if r.entity_type == "meter_reading")
 
 
@@ -272,7 +276,7 @@ async def test_reconnects_after_a_server_restart() -> None:
         async with running(source, out):
             await wait_for(lambda: out.latest().get("d.v") == 100)
             await server.shutdown()
-            await wait_for(lambda: source.devices["d"].state == "disconnected")
+            await wait_for(lambda: source.devices["d"].state == "offline")
             server = await start_server([sim_device(1, holding={0: [200]})], port)
             await wait_for(lambda: out.latest().get("d.v") == 200)
     finally:

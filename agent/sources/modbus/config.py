@@ -181,11 +181,14 @@ class DeviceConfig(Section):
     """Lower it for devices that answer fewer than 125 registers per request."""
     max_bits_per_request: int = Field(MAX_BITS, ge=1, le=MAX_BITS)
     """Lower it for devices that answer fewer than 2000 bits per request."""
-    failures_before_offline: int = Field(3, ge=1)
-    """Consecutive failed polls after which the device is ``offline``."""
-    offline_interval: Duration = 60.0
-    """Poll period of an offline device (one attempt, no retries), so that a dead unit
-    does not stall healthy units on the same connection."""
+    demote_after: int = Field(3, ge=1)
+    """Consecutive failed polls (no answer, exception, garbled or wrong answer) after
+    which the device is ``demoted``: probed every ``demote_for`` instead of every
+    ``interval``, one attempt, until it answers again (like Kepware's auto-demotion)."""
+    demote_for: Duration = Field(60.0, gt=0)
+    """Probe period of a demoted device. A silent unit then costs its connection one
+    ``timeout`` per ``demote_for`` (1 s per 60 s with the defaults), so that units that
+    do not answer leave the line to those that do."""
     profile: str | None = None
     """Equipment profile supplying the points (``lift_generic``, docs/profiles.md); the
     device's own ``points`` override the profile's by name and add to them."""

@@ -1,15 +1,28 @@
 """Polling: one worker per connection, one request at a time, per-device schedules.
 
-Each connection has a worker task that owns the pymodbus client. It polls whichever
+Each connection has a worker task that owns its :class:`~.line.Line`. It polls whichever
 device is due next; a device's slots are anchored to its start time (no drift), and a
 poll that runs past the next slot skips it (counted as an overrun, never stacked).
 
-A unit that does not answer costs its connection ``timeout * (retries + 1)``. To keep a
-dead or mute unit from stalling healthy units on the same line, a poll stops at the
-unit's first unanswered request, and after ``failures_before_offline`` failed polls the
-unit is ``offline``: it is probed every ``offline_interval`` with one attempt, no retries.
-pymodbus's own auto-reconnect and "close after N silent requests" are disabled: a silent
-unit is not a dead line, so the worker reconnects only when every unit went silent.
+A bad unit must never cost a good one its polls, so the line time a unit can take is
+bounded and good units go first:
+
+* Standing: a unit that answered its last poll gets ``retries`` extra attempts per
+  request; any other unit (not answered yet, or failed its last poll) one attempt. A
+  poll stops at the unit's first failed request.
+* Demotion (as Kepware's auto-demotion): after ``demote_after`` consecutive failed polls
+  a unit is ``demoted`` and probed once every ``demote_for``, one attempt, until it
+  answers; a dead unit then costs its line one ``timeout`` per ``demote_for``.
+* Priority: of the units that are due, those that answered their last poll go first,
+  then failing ones, then demoted probes; a good unit waits for at most the one poll in
+  flight.
+* A unit's fault is not the line's (:mod:`.line` tells them apart). The connection is
+  re-opened only when the transport broke, when the byte stream cannot be resynchronised
+  (a peer that never goes quiet, or ``GARBLED_BEFORE_REOPEN`` garbled answers in a row
+  with no good frame between), or when no unit answers at all (every unit failed its
+  latest poll and the last ``SILENT_BEFORE_REOPEN`` requests got no byte back: a wedged
+  gateway). pymodbus's own auto-reconnect and "close after N silent requests" are off.
+  After a re-open that brings no answer, the next one waits (full-jitter backoff).
 """
 
 from __future__ import annotations
@@ -17,45 +30,31 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from pymodbus import FramerType
-from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
-from pymodbus.exceptions import ConnectionException, ModbusIOException
 
 from agent import tasks
 from agent.backoff import Backoff
 from agent.sources.modbus.config import ConnectionConfig, DeviceConfig
+from agent.sources.modbus.line import ClientFactory, Fault, Line, LineDown, make_client
 from agent.sources.modbus.planner import Request, plan, split
 
 log = structlog.get_logger("agent.sources.modbus")
 
 ILLEGAL_DATA_ADDRESS = 2
-SILENT_REQUESTS_BEFORE_RECONNECT = 3
+SILENT_BEFORE_REOPEN = 3
+GARBLED_BEFORE_REOPEN = 3
 JITTER_SAMPLES = 1024
-
-Client = AsyncModbusTcpClient | AsyncModbusSerialClient
-
-
-class UnitSilent(Exception):
-    """The unit did not answer (all attempts timed out)."""
-
-
-class UnitException(Exception):
-    """The unit answered with a Modbus exception code."""
-
-    def __init__(self, code: int, request: Request) -> None:
-        super().__init__(f"exception code {code} on {request.table} {request.start}")
-        self.code = code
-
-
-class LineDown(Exception):
-    """The connection itself is gone."""
+ANSWERED = frozenset(
+    {"exception", "malformed", "wrong_function", "wrong_length", "wrong_transaction_id",
+     "wrong_unit_id"}
+)  # fmt: skip
+"""Fault kinds that prove the line carries frames (unlike ``timeout`` and ``garbage``)."""
 
 
 @dataclass(slots=True)
@@ -71,7 +70,11 @@ class Poll:
 
 @dataclass
 class DeviceState:
-    """A device's plan, schedule and figures (shown in status)."""
+    """A device's plan, schedule, standing and figures (shown in status).
+
+    ``state``: ``unknown`` until its first answer, ``online`` while it answers,
+    ``demoted`` after ``demote_after`` consecutive failed polls (probed every
+    ``demote_for``), ``offline`` while its connection is down."""
 
     name: str
     config: DeviceConfig
@@ -81,9 +84,12 @@ class DeviceState:
     polls: int = 0
     failures: int = 0
     consecutive_failures: int = 0
+    demotions: int = 0
     overruns: int = 0
     splits: int = 0
     requests_sent: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    """Failed polls by fault kind (see .line), plus ``connection_lost``."""
     invalid_points: dict[str, str] = field(default_factory=dict)
     last_success: float | None = None
     last_error: str | None = None
@@ -98,9 +104,24 @@ class DeviceState:
             self.requests = plan(self.config)
 
     @property
+    def answering(self) -> bool:
+        """Whether the unit answered its latest poll (good standing: retries, priority)."""
+        return self.consecutive_failures == 0 and self.last_success is not None
+
+    @property
+    def demoted(self) -> bool:
+        """Whether the unit failed ``demote_after`` polls in a row (probed slowly)."""
+        return self.consecutive_failures >= self.config.demote_after
+
+    @property
+    def rank(self) -> int:
+        """Poll priority among due units: 0 answering, 1 failing, 2 demoted."""
+        return 0 if self.answering else 2 if self.demoted else 1
+
+    @property
     def interval(self) -> float:
-        """The current poll period (longer while offline)."""
-        return self.config.offline_interval if self.state == "offline" else self.config.interval
+        """The current poll period (``demote_for`` while demoted)."""
+        return self.config.demote_for if self.demoted else self.config.interval
 
     def status(self) -> dict[str, Any]:
         """JSON-ready figures."""
@@ -110,6 +131,8 @@ class DeviceState:
             "polls": self.polls,
             "failures": self.failures,
             "consecutive_failures": self.consecutive_failures,
+            "demotions": self.demotions,
+            "errors": dict(self.errors),
             "overruns": self.overruns,
             "requests_per_poll": len(self.requests),
             "requests_sent": self.requests_sent,
@@ -133,38 +156,12 @@ def percentile(values: Any, pct: float) -> float:
     return float(ordered[rank])
 
 
-def make_client(conf: ConnectionConfig) -> Client:
-    """The pymodbus client for a connection (retries and reconnects are ours)."""
-    common: dict[str, Any] = {"timeout": conf.timeout, "retries": 0, "reconnect_delay": 0}
-    if conf.transport == "rtu":
-        assert conf.serial_port is not None
-        return AsyncModbusSerialClient(
-            conf.serial_port,
-            framer=FramerType.RTU,
-            baudrate=conf.baudrate,
-            bytesize=conf.bytesize,
-            parity=conf.parity,
-            stopbits=conf.stopbits,
-            **common,
-        )
-    assert conf.host is not None
-    framer = FramerType.SOCKET if conf.transport == "tcp" else FramerType.RTU
-    return AsyncModbusTcpClient(conf.host, port=conf.port, framer=framer, **common)
-
-
-_READ = {
-    "coil": "read_coils",
-    "discrete_input": "read_discrete_inputs",
-    "holding_register": "read_holding_registers",
-    "input_register": "read_input_registers",
-}
-
 Sink = Callable[[Poll], Awaitable[None]]
 StateChange = Callable[[DeviceState, str, str | None], Awaitable[None]]
 
 
 class ConnectionWorker:
-    """Owns one connection's client and polls its devices one request at a time."""
+    """Owns one connection's line and polls its devices one request at a time."""
 
     def __init__(
         self,
@@ -174,19 +171,23 @@ class ConnectionWorker:
         *,
         sink: Sink,
         on_state: StateChange,
-        client_factory: Callable[[ConnectionConfig], Client] = make_client,
+        client_factory: ClientFactory = make_client,
     ) -> None:
         self.name = name
         self.config = config
         self.devices = devices
         self._sink = sink
         self._on_state = on_state
-        self._factory = client_factory
-        self._client: Client | None = None
-        self._silent = 0
+        self._line = Line(config, client_factory)
+        self._silent = 0  # attempts in a row that got no byte back
+        self._garbled = 0  # garbled answers in a row, no good frame between
+        self._answered = False  # something answered on the current connection
         self.state = "connecting"
         self.connects = 0
         self.reconnects = 0
+        self.resyncs = 0
+        self.reopened: Counter[str] = Counter()
+        """Why connections that were open got closed and opened again."""
         self.last_error: str | None = None
 
     def status(self) -> dict[str, Any]:
@@ -196,6 +197,9 @@ class ConnectionWorker:
             "transport": self.config.transport,
             "connects": self.connects,
             "reconnects": self.reconnects,
+            "reopened": dict(self.reopened),
+            "resyncs": self.resyncs,
+            "late_answers": self._line.late_answers,
             "last_error": self.last_error,
         }
 
@@ -207,44 +211,48 @@ class ConnectionWorker:
         start = time.monotonic()
         for i, device in enumerate(self.devices):
             device.next_due = start + device.interval * i / len(self.devices)
+        wait_first = False
         try:
             while True:
                 tasks.raise_if_cancelling()  # a lost stop (see agent.tasks)
-                if not await self._ensure_connected():
-                    await tasks.sleep(backoff.delay())
-                    continue
-                backoff.reset()
-                device = min(self.devices, key=lambda d: d.next_due)
+                if not self._line.connected:
+                    if self.state == "connected":  # dropped between polls
+                        self._reopen("connection_lost", "connection lost: closed by peer")
+                    if wait_first:
+                        await tasks.sleep(backoff.delay())
+                    wait_first = True  # until something answers on the new connection
+                    if not await self._connect():
+                        continue
+                if self._answered:
+                    backoff.reset()
+                    wait_first = False
+                device = self._next_device()
                 wait = device.next_due - time.monotonic()
                 if wait > 0:
                     await tasks.sleep(wait)
+                    continue  # choose again: others may be due by now
                 await self._poll(device)
         finally:
-            self._close()
+            self._line.close()
 
-    def _close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+    def _next_device(self) -> DeviceState:
+        """The due device of best rank (then the longest due), else the next one due."""
+        now = time.monotonic()
+        due = [d for d in self.devices if d.next_due <= now]
+        if due:
+            return min(due, key=lambda d: (d.rank, d.next_due))
+        return min(self.devices, key=lambda d: d.next_due)
 
-    async def _ensure_connected(self) -> bool:
-        if self._client is not None and self._client.connected:
-            return True
-        self._close()
-        self.state = "connecting"
-        client = self._factory(self.config)
-        client.set_max_no_responses(1 << 30)
+    async def _connect(self) -> bool:
+        if self.state != "disconnected":  # stays so while retrying (logged once)
+            self.state = "connecting"
         try:
-            async with asyncio.timeout(self.config.timeout + 1):
-                ok = await client.connect()
-        except (TimeoutError, OSError, ConnectionException) as exc:
-            ok, self.last_error = False, f"{type(exc).__name__}: {exc}"
-        if not ok:
-            client.close()
-            self.last_error = self.last_error or "connect failed"
+            await self._line.open()
+        except LineDown as exc:
+            self.last_error = str(exc)
             await self._line_down(self.last_error)
             return False
-        self._client, self.state, self._silent = client, "connected", 0
+        self.state, self._silent, self._garbled, self._answered = "connected", 0, 0, False
         self.reconnects += self.connects > 0
         self.connects += 1
         now = time.monotonic()
@@ -253,13 +261,21 @@ class ConnectionWorker:
         log.info("modbus_connected", connection=self.name, transport=self.config.transport)
         return True
 
+    def _reopen(self, why: str, error: str) -> None:
+        """Close a connection that was open; the run loop opens a new one."""
+        self.reopened[why] += 1
+        self.last_error = error
+        self.state = "connecting"
+        log.warning("modbus_connection_reopen", connection=self.name, reason=why, error=error)
+        self._line.close()
+
     async def _line_down(self, error: str) -> None:
         if self.state != "disconnected":
             log.warning("modbus_connection_failed", connection=self.name, error=error)
         self.state = "disconnected"
         for device in self.devices:
             device.last_error = error
-            await self._set_state(device, "disconnected", error)
+            await self._set_state(device, "offline", error)
 
     async def _set_state(self, device: DeviceState, state: str, reason: str | None) -> None:
         if device.state != state:
@@ -272,43 +288,53 @@ class ConnectionWorker:
         began = time.monotonic()
         device.jitter.append(max(0.0, began - due))
         poll = Poll(device, datetime.now(UTC), [])
-        error: str | None = None
+        fault: Fault | None = None
+        lost: str | None = None
         try:
             await self._read_plan(device, poll)
-        except UnitSilent:
-            error = "no answer (timeout)"
-        except UnitException as exc:
-            error = str(exc)
+        except Fault as exc:
+            fault = exc
         except LineDown as exc:
             # Not the unit's fault: the worker reconnects and polls everyone again.
-            self.last_error = f"connection lost: {exc}"
-            self._close()
-            error = self.last_error
+            lost = f"connection lost: {exc}"
+            self._reopen("connection_lost", lost)
         ended = time.monotonic()
         device.last_cycle_seconds = ended - began
         device.done_lag.append(ended - due)
         device.polls += 1
-        poll.ok = error is None
-        await self._account(device, error)
+        poll.ok = fault is None and lost is None
+        await self._account(device, fault, lost)
         self._schedule(device, due)
         if poll.answers or poll.invalid:
             await self._sink(poll)
 
-    async def _account(self, device: DeviceState, error: str | None) -> None:
-        if error is None:
+    async def _account(self, device: DeviceState, fault: Fault | None, lost: str | None) -> None:
+        if fault is None and lost is None:
             device.consecutive_failures = 0
             device.last_success = time.time()
             await self._set_state(device, "online", None)
             return
         device.failures += 1
+        if fault is None:
+            device.errors["connection_lost"] += 1  # not counted against the unit
+            device.last_error = lost
+            return
+        device.errors[fault.kind] += 1
         device.consecutive_failures += 1
-        device.last_error = error
-        if self._client is None:
-            await self._set_state(device, "disconnected", error)
-        elif device.consecutive_failures >= device.config.failures_before_offline:
-            if device.state != "offline":
-                log.warning("modbus_device_offline", device=device.name, error=error)
-            await self._set_state(device, "offline", error)
+        device.last_error = str(fault)
+        if device.consecutive_failures == 1:  # the first of a spell; demotion warns
+            log.info("modbus_poll_failed", device=device.name, fault=fault.kind, error=str(fault))
+        if device.demoted and device.state != "demoted":
+            device.demotions += 1
+            log.warning(
+                "modbus_device_demoted",
+                device=device.name,
+                fault=fault.kind,
+                error=str(fault),
+                failed_polls=device.consecutive_failures,
+                probe_every=device.config.demote_for,
+            )
+            await self._set_state(device, "demoted", str(fault))
 
     @staticmethod
     def _schedule(device: DeviceState, due: float) -> None:
@@ -326,8 +352,8 @@ class ConnectionWorker:
                 request = queue.pop(0)
                 try:
                     data = await self._read(device, request)
-                except UnitException as exc:
-                    if exc.code != ILLEGAL_DATA_ADDRESS:
+                except Fault as exc:
+                    if exc.kind != "exception" or exc.code != ILLEGAL_DATA_ADDRESS:
                         queue.insert(0, request)
                         raise
                     self._illegal_address(device, request, queue, poll)
@@ -368,38 +394,43 @@ class ConnectionWorker:
         )
 
     async def _read(self, device: DeviceState, request: Request) -> list[int] | list[bool]:
-        client = self._client
-        if client is None or not client.connected:
-            raise LineDown("not connected")
-        read = getattr(client, _READ[request.table])
-        attempts = 1 if device.state == "offline" else 1 + self.config.retries
-        for _ in range(attempts):
+        attempts = 1 + self.config.retries if device.answering else 1
+        while True:
+            attempts -= 1
             device.requests_sent += 1
             try:
-                async with asyncio.timeout(self.config.timeout * 2 + 1):
-                    answer = await read(
-                        request.start, count=request.count, device_id=device.config.unit_id
-                    )
-            except ConnectionException as exc:
-                raise LineDown(str(exc)) from exc
-            except (ModbusIOException, TimeoutError):
-                if not client.connected:
-                    raise LineDown("connection closed by peer") from None
+                data = await self._line.read(request, device.config.unit_id)
+            except Fault as fault:
                 await self._pause()
-                continue
+                await self._after_fault(fault)
+                if fault.retry and attempts > 0 and self._line.connected:
+                    continue
+                raise
             await self._pause()
-            self._silent = 0
-            if answer.isError():
-                raise UnitException(int(answer.exception_code), request)
-            if request.bits:
-                return list(answer.bits[: request.count])
-            return list(answer.registers)
-        self._silent += 1
-        if self._silent >= SILENT_REQUESTS_BEFORE_RECONNECT:
-            # Nobody on this line answered lately: the line (or gateway) may be wedged.
-            self.last_error = "no unit answered the last requests"
-            self._close()
-        raise UnitSilent(request.describe())
+            self._silent = self._garbled = 0
+            self._answered = True
+            return data
+
+    async def _after_fault(self, fault: Fault) -> None:
+        """Track what the fault says about the line; resync or re-open it if needed."""
+        self._silent = self._silent + 1 if fault.kind == "timeout" else 0
+        if fault.kind in ANSWERED:
+            self._garbled = 0
+            self._answered = True
+        elif fault.kind == "garbage":
+            self._garbled += 1
+        if fault.resync:
+            self.resyncs += 1
+            if not await self._line.resync():
+                self._reopen("garbage", f"the peer kept sending after {fault}")
+                return
+        if self._garbled >= GARBLED_BEFORE_REOPEN:
+            self._reopen("garbage", f"{self._garbled} garbled answers in a row: {fault}")
+        elif self._silent >= SILENT_BEFORE_REOPEN and all(
+            d.polls and d.consecutive_failures for d in self.devices
+        ):
+            # Nobody on this line answers: the line (or gateway) may be wedged.
+            self._reopen("silent", "no unit answered the last requests")
 
     async def _pause(self) -> None:
         if self.config.pause_between_requests > 0:

@@ -58,7 +58,7 @@ class ModbusSource(Source):
         """Connections, devices and record counters."""
         states = Counter(d.state for d in self.devices.values())
         healthy = all(w.state == "connected" for w in self.workers.values()) and not (
-            states["offline"] or states["disconnected"]
+            states["offline"] or states["demoted"]
         )
         return {
             "state": "running" if healthy else "degraded",
