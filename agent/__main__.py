@@ -33,19 +33,36 @@ def _print_problems(exc: ConfigError) -> None:
         print(f"  {key}: {message}" if key else f"  {message}", file=sys.stderr)
 
 
-def _load(path: str | None) -> tuple[cfg.Settings, list[str], Path]:
+def _load(
+    path: str | None, checks: Sequence[cfg.Check] = ()
+) -> tuple[cfg.Settings, list[str], Path]:
     file = cfg.config_path(path)
-    settings, warnings = cfg.load(file)
+    settings, warnings = cfg.load(file, checks)
     return settings, warnings, file
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate a config file: exit 0 when valid, 2 with every problem when not."""
+    """Validate a config file: exit 0 when valid, 2 with every problem when not.
+
+    Beyond the file itself (:func:`agent.config.load`), the machine it will run on: the
+    state directory, every file it names, and what the service user could not read
+    (:mod:`agent.preflight`).
+    """
+    from agent import preflight  # noqa: PLC0415
+
     try:
-        settings, warnings, file = _load(args.file or args.config)
+        settings, warnings, file = _load(args.file or args.config, [preflight.start_problems])
     except ConfigError as exc:
         _print_problems(exc)
         return EXIT_USAGE
+    view = preflight.ServiceView.from_system()
+    if view is None:
+        warnings.append(
+            f"no {preflight.UNIT} installed here: not checked whether the service user "
+            "can read the files this config names"
+        )
+    else:
+        warnings += preflight.service_warnings(settings, file, view)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     enabled = [n for n, s in settings.sources.items() if getattr(s, "enabled", True)]
@@ -55,6 +72,32 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     )
     if args.explain:
         _explain(settings)
+    if args.connect:
+        return _connect(settings, file)
+    return 0
+
+
+def _connect(settings: cfg.Settings, file: Path) -> int:
+    """``--connect``: each enabled source that can probe its peer does (SQL: every
+    entity's query with LIMIT 0, and its mapped columns); exit 2 on any problem."""
+    from agent import sources as source_plugins  # noqa: PLC0415
+    from agent.sources.base import SourceConfig  # noqa: PLC0415
+
+    async def run() -> list[tuple[str, str]]:
+        problems: list[tuple[str, str]] = []
+        configured: dict[str, SourceConfig] = settings.sources
+        for name, conf in configured.items():
+            probe = getattr(source_plugins.plugin(conf.type), "probe", None)
+            if probe is not None and conf.enabled:
+                problems += await probe(name, conf)
+                print(f"[sources.{name}] ({conf.type}): probed", file=sys.stderr)
+        return problems
+
+    problems = asyncio.run(run())
+    if problems:
+        _print_problems(ConfigError(problems, str(file)))
+        return EXIT_USAGE
+    print(f"{file}: --connect OK (every enabled SQL source answered, every mapped column exists)")
     return 0
 
 
@@ -73,10 +116,12 @@ def _explain(settings: cfg.Settings) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground (what systemd starts)."""
-    from agent import app, logs  # noqa: PLC0415 - keep check-config light
+    from agent import app, logs, preflight  # noqa: PLC0415 - keep check-config light
 
     try:
-        settings, warnings, file = _load(args.config)
+        # A state_dir it cannot write, a missing file: one line each and exit 2 (which the
+        # unit does not restart), not a traceback and a crash loop.
+        settings, warnings, file = _load(args.config, [preflight.start_problems])
     except ConfigError as exc:
         _print_problems(exc)
         return EXIT_USAGE
@@ -336,6 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", parents=[config_opt], help="validate a config file")
     p.add_argument("file", nargs="?", help="config file to check")
     p.add_argument("--explain", action="store_true", help="also print what each source will do")
+    p.add_argument(
+        "--connect",
+        action="store_true",
+        help="also query each SQL source (read-only, LIMIT 0): its queries and mapped columns",
+    )
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("demo", help="run the agent on a simulated building (nothing to set up)")

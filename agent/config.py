@@ -12,6 +12,7 @@ import ipaddress
 import os
 import socket
 import tomllib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -20,7 +21,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from agent import profiles
 from agent import sources as source_plugins
-from agent.configtypes import Duration, SecretFilePath, Section, load_warnings
+from agent.configtypes import PositiveDuration, SecretFilePath, Section, load_warnings, warn
 from agent.errors import ConfigError
 from agent.outbox import OutboxConfig
 from agent.sinks.http import UpstreamConfig
@@ -33,7 +34,7 @@ ENV_PREFIX = "EDGE_AGENT_"
 class AgentSection(Section):
     """Who this agent is (``[agent]``)."""
 
-    id: str = Field(default_factory=socket.gethostname)
+    id: str = Field(default_factory=socket.gethostname, min_length=1)
     """Agent id sent upstream with every batch. Default: the host name."""
     site: str | None = None
     """Default site stamped on records (a source can override it)."""
@@ -69,7 +70,7 @@ class ApiSection(Section):
     """Bearer token for mutations (``POST /v1/sources/{name}/sync``)."""
     token_file: SecretFilePath | None = None
     """File holding the API token."""
-    ready_max_oldest_age: Duration = 3600.0
+    ready_max_oldest_age: PositiveDuration = 3600.0
     """/readyz reports not ready when the oldest undelivered record is older than this."""
     require_token_for_reads: bool = False
     """Reads (``/readyz``, ``/v1/status``, ``/v1/sync-status``, ``/metrics``) need the
@@ -196,7 +197,7 @@ def _message(err: Any) -> str:
         return "unknown key (check the spelling against config.example.toml)"
     if kind == "missing":
         return "required key is missing"
-    if kind in {"duration", "size", "secret_file", "secret_conflict"}:
+    if kind in {"duration", "size", "secret_file", "secret_conflict", "file"}:
         return str(msg)
     if kind == "union_tag_invalid":
         return f"unknown source type {value.get('type')!r}" if isinstance(value, dict) else msg
@@ -219,22 +220,63 @@ def _profile_dirs(data: dict[str, Any]) -> list[Path]:
     return [Path(d).expanduser() for d in dirs if isinstance(d, str)]
 
 
-def parse(data: dict[str, Any], source: str | None = None) -> tuple[Settings, list[str]]:
-    """Validate config data; return the settings and any warnings, or raise ConfigError."""
+Check = Callable[["Settings"], list[tuple[str, str]]]
+
+
+def parse(
+    data: dict[str, Any], source: str | None = None, checks: Sequence[Check] = ()
+) -> tuple[Settings, list[str]]:
+    """Validate config data; return the settings and any warnings, or raise ConfigError.
+
+    ``checks`` run on valid settings with the cross-source checks, and their problems are
+    reported together (check-config adds the machine's: :mod:`agent.preflight`).
+    """
     warnings: list[str] = []
     token = load_warnings.set(warnings)
     try:
         with profiles.searching(_profile_dirs(data)):
             settings = Settings(**data)
+        problems = across_sources(settings)
+        for check in checks:
+            problems += check(settings)
     except ValidationError as exc:
         problems = [(_loc(e["loc"], data), _message(e)) for e in exc.errors()]
         raise ConfigError(problems, source) from None
     finally:
         load_warnings.reset(token)
+    if problems:
+        raise ConfigError(problems, source)
     return settings, warnings
 
 
-def load(path: str | os.PathLike[str]) -> tuple[Settings, list[str]]:
+def across_sources(settings: Settings) -> list[tuple[str, str]]:
+    """What no single table can see: each source's own cross-table problems (rules on
+    points it lacks) and settings two enabled sources must not share (MQTT client ids)."""
+    problems: list[tuple[str, str]] = []
+    owners: dict[tuple[Any, ...], str] = {}
+    configured: dict[str, SourceConfig] = settings.sources
+    for name, conf in configured.items():
+        found = [(f"sources.{name}.{key}", msg) for key, msg in conf.problems()]
+        if not conf.enabled:
+            # Validated, not started: what would fail at its start is for later.
+            for key, msg in found:
+                warn(f"{key}: {msg} (the source is disabled: fix this before enabling it)")
+            continue
+        problems += found
+        for key, unique in conf.unique_keys().items():
+            other = owners.setdefault(unique.identity, name)
+            if other != name:
+                problems.append(
+                    (
+                        f"sources.{name}.{key}",
+                        f"{key} {unique.shown} is also used by source {other!r}: "
+                        f"{unique.why}; give each source its own",
+                    )
+                )
+    return problems
+
+
+def load(path: str | os.PathLike[str], checks: Sequence[Check] = ()) -> tuple[Settings, list[str]]:
     """Read and validate a config file. Raises ConfigError naming every problem."""
     path = Path(path)
     try:
@@ -244,4 +286,4 @@ def load(path: str | os.PathLike[str]) -> tuple[Settings, list[str]]:
         raise ConfigError([("", f"cannot read config file: {exc.strerror}")], str(path)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([("", f"invalid TOML: {exc}")], str(path)) from None
-    return parse(data, str(path))
+    return parse(data, str(path), checks)

@@ -15,7 +15,15 @@ import stat
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, SecretStr, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    SecretStr,
+    ValidationInfo,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
@@ -78,8 +86,34 @@ def format_duration(seconds: float) -> str:
     return "".join(out) or "0s"
 
 
+def _positive(seconds: float) -> float:
+    if seconds <= 0:
+        raise PydanticCustomError(
+            "duration",
+            "must be greater than 0 (got {value}): a zero period or timeout cannot work",
+            {"value": f"{seconds:g}s"},
+        )
+    return seconds
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
-"""Seconds, written in the config as ``"30s"``, ``"15m"``, ``"90d"``."""
+"""Seconds, written in the config as ``"30s"``, ``"15m"``, ``"90d"``; 0 allowed."""
+
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_positive)]
+"""A period, interval or timeout: more than 0 seconds (``"0s"`` is a config error, never a
+division by zero or a busy loop at run time)."""
+
+
+def at_least(value: float, info: ValidationInfo, other: str) -> float:
+    """For a field validator of a cap: ``value`` must not be below the field ``other``
+    (declared before it; when that one is itself invalid, there is nothing to compare)."""
+    floor = info.data.get(other)
+    if isinstance(floor, int | float) and value < floor:
+        raise ValueError(
+            f"must be at least {other} ({format_duration(floor)}), got {format_duration(value)}"
+        )
+    return value
+
 
 ByteSize = Annotated[int, BeforeValidator(parse_size)]
 """Bytes, written in the config as ``"512MiB"``."""
@@ -151,6 +185,21 @@ def load_secret_file(value: Any) -> SecretFile:
         )
     return SecretFile(path, SecretStr(text))
 
+
+def _existing_file(value: Any) -> Any:
+    if isinstance(value, str | Path) and str(value):
+        path = Path(value)
+        if not path.is_file():
+            why = "is a directory" if path.is_dir() else "does not exist"
+            raise PydanticCustomError(
+                "file", "file {path} {why}", {"path": repr(str(path)), "why": why}
+            )
+    return value
+
+
+ExistingFile = Annotated[Path, BeforeValidator(_existing_file)]
+"""A file the config names (a CA bundle, a certificate): it must exist when the config is
+loaded, so check-config and a reload name the key instead of a connect failing later."""
 
 SecretFilePath = Annotated[SecretFile, BeforeValidator(load_secret_file)]
 """A ``*_file`` key: the file is read when the config is loaded (and on every reload)."""

@@ -45,8 +45,9 @@ from typing import Any, Literal
 import aiosqlite
 import orjson
 import structlog
+from pydantic import Field
 
-from agent.configtypes import ByteSize, Duration, Section
+from agent.configtypes import ByteSize, PositiveDuration, Section
 from agent.errors import OutboxWriteError
 from agent.records import (
     EntityType,
@@ -186,12 +187,12 @@ class OutboxConfig(Section):
     """Over budget: ``block`` pauses every source (nothing is dropped);
     ``drop_oldest`` drops the oldest meter readings and events instead (counted).
     Business records (work orders, assets, ...) always block, never drop."""
-    readings_max_age: Duration | None = None
+    readings_max_age: PositiveDuration | None = None
     """Drop meter readings and events older than this (counted). Business records have no
     maximum age by design."""
     integrity_check: Literal["quick", "full", "off"] = "quick"
     """Check at start-up; a corrupt database is moved aside and a fresh one started."""
-    quarantine_max_rows: int = 10_000
+    quarantine_max_rows: int = Field(default=10_000, ge=0)
     """Bad inputs kept for inspection; the oldest are evicted beyond this (counted)."""
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from agent.configtypes import Duration, Section
+from agent.configtypes import PositiveDuration, Section
 
 
 class ReportByException(Section):
@@ -26,9 +26,9 @@ class ReportByException(Section):
     """Smallest absolute change reported."""
     deadband_percent: float | None = None
     """Smallest change reported, in percent of the last reported value."""
-    min_interval: Duration | None = None
+    min_interval: PositiveDuration | None = None
     """Report at most once per interval."""
-    max_interval: Duration | None = None
+    max_interval: PositiveDuration | None = None
     """Report at least this often while samples arrive (heartbeat)."""
 
 

@@ -54,7 +54,12 @@ def test_token_is_never_shown() -> None:
 def test_unreadable_tls_files_are_a_config_error(tmp_path: Path) -> None:
     bad = tmp_path / "ca.pem"
     bad.write_text("not a certificate")
-    for extra in ({"ca_file": str(bad)}, {"client_cert_file": str(tmp_path / "missing.pem")}):
-        with pytest.raises(ConfigError) as err:
-            cfg.parse({"upstream": {"url": "https://u.example", **extra}})
-        assert "cannot load the TLS files" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        cfg.parse({"upstream": {"url": "https://u.example", "ca_file": str(bad)}})
+    assert "cannot load the TLS files" in str(err.value)
+    missing = str(tmp_path / "missing.pem")
+    with pytest.raises(ConfigError) as err:
+        cfg.parse({"upstream": {"url": "https://u.example", "client_cert_file": missing}})
+    assert err.value.problems == [
+        ("upstream.client_cert_file", f"file {missing!r} does not exist")
+    ], err.value.problems

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from agent.codes import Severity
-from agent.configtypes import Duration, Section
+from agent.configtypes import Duration, PositiveDuration, Section
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -72,12 +72,12 @@ class RuleConfig(Section):
     """``rate``: raise when the count (or increase) within ``per`` exceeds this ..."""
     clear_at: float | None = None
     """... and clear when it is at or below this again (default ``max``)."""
-    per: Duration = 3600.0
+    per: PositiveDuration = 3600.0
     """``rate``: the sliding window."""
     mode: Literal["count", "increase"] = "count"
     """``rate``: ``count`` matching records, or the ``increase`` of a counter value (a
     counter that goes backwards is taken as reset)."""
-    after: Duration | None = None
+    after: PositiveDuration | None = None
     """``stale``: raise when the point of an asset has had no record for this long."""
     for_: Duration = Field(0.0, alias="for")
     """Delay-on: the condition must hold this long before the rule raises (``state`` with

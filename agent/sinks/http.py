@@ -19,16 +19,25 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import orjson
-from pydantic import SecretStr, field_validator, model_validator
+from pydantic import SecretStr, ValidationInfo, field_validator, model_validator
 
 from agent import __version__
-from agent.configtypes import ByteSize, Duration, SecretFilePath, Section, secret_value, warn
+from agent.configtypes import (
+    ByteSize,
+    Duration,
+    ExistingFile,
+    PositiveDuration,
+    SecretFilePath,
+    Section,
+    at_least,
+    secret_value,
+    warn,
+)
 from agent.errors import PermanentError, ReauthorizationRequired, TransientError
 from agent.outbox import Leased
 
@@ -44,17 +53,17 @@ class UpstreamConfig(Section):
     """File holding the bearer token (mode 600). Re-read on reload (SIGHUP)."""
     tls_verify: bool = True
     """Verify the upstream's certificate. Only turn off for a lab, never in production."""
-    ca_file: Path | None = None
+    ca_file: ExistingFile | None = None
     """Extra CA bundle (PEM) to trust, for a corporate TLS-inspecting proxy or private CA."""
-    client_cert_file: Path | None = None
+    client_cert_file: ExistingFile | None = None
     """Client certificate (PEM) for mutual TLS."""
-    client_key_file: Path | None = None
+    client_key_file: ExistingFile | None = None
     """Key of ``client_cert_file`` when it is not in the same file."""
     proxy: str | None = None
     """HTTP(S) proxy URL, e.g. ``http://proxy.plant.local:3128``."""
-    connect_timeout: Duration = 10.0
+    connect_timeout: PositiveDuration = 10.0
     """Time allowed to open a connection."""
-    read_timeout: Duration = 60.0
+    read_timeout: PositiveDuration = 60.0
     """Time allowed for the upstream's answer."""
     max_response_bytes: ByteSize = 4 << 20
     """Most bytes of one upstream answer the agent reads, both as sent (on the wire) and
@@ -68,11 +77,11 @@ class UpstreamConfig(Section):
     """Most record bytes in one request (before compression)."""
     gzip_min_bytes: ByteSize = 8 << 10
     """Compress request bodies at least this large."""
-    backoff_initial: Duration = 1.0
+    backoff_initial: PositiveDuration = 1.0
     """First retry delay after a transient failure (full-jitter exponential)."""
-    backoff_cap: Duration = 300.0
+    backoff_cap: PositiveDuration = 300.0
     """Longest retry delay."""
-    reauth_probe_interval: Duration = 300.0
+    reauth_probe_interval: PositiveDuration = 300.0
     """While the token is refused (401/403): how often to probe again."""
     concurrency: int = 1
     """Requests in flight at once. Per-entity order holds at any value."""
@@ -127,6 +136,21 @@ class UpstreamConfig(Section):
                 f"(~{worst}): raise it or lower batch_max_records"
             )
         return self
+
+    @field_validator("backoff_cap")
+    @classmethod
+    def _check_backoff(cls, value: float, info: ValidationInfo) -> float:
+        return at_least(value, info, "backoff_initial")
+
+    @field_validator("proxy")
+    @classmethod
+    def _check_proxy(cls, value: str | None) -> str | None:
+        if value is not None:
+            url = httpx.URL(value)
+            if url.scheme not in ("http", "https", "socks5", "socks5h") or not url.host:
+                # Never echo it: a proxy URL may carry credentials.
+                raise ValueError("invalid proxy URL (write http://host:port)")
+        return value
 
     @field_validator("concurrency", "batch_max_records")
     @classmethod

@@ -13,7 +13,8 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
 
 from pydantic import Field, field_validator
 
@@ -24,6 +25,17 @@ from agent.rules.config import RuleConfig, check_unique
 
 if TYPE_CHECKING:
     from agent.rules.engine import RuleEngine
+
+
+class UniqueKey(NamedTuple):
+    """A setting that must be unique across enabled sources, and why."""
+
+    identity: tuple[Any, ...]
+    """What must differ (MQTT: broker host, port and client id)."""
+    shown: str
+    """The value and its scope, for the message: ``'gw1' on broker mq:1883``."""
+    why: str
+    """What goes wrong when two sources share it."""
 
 
 class SourceConfig(Section):
@@ -43,6 +55,38 @@ class SourceConfig(Section):
     @classmethod
     def _unique_rules(cls, value: list[RuleConfig]) -> list[RuleConfig]:
         return check_unique(value)
+
+    def known_points(self) -> set[str] | None:
+        """Every point name this source's records can carry (``data.point``), or None when
+        that depends on the input (wildcard topics, Sparkplug metrics named in a BIRTH)."""
+        return None
+
+    def files(self) -> dict[str, Path]:
+        """Files this source needs that no ``*_file`` setting names, by key (a SQLite
+        database in ``url``): check-config and the start check they exist."""
+        return {}
+
+    def unique_keys(self) -> dict[str, UniqueKey]:
+        """Settings that must not be shared with another enabled source, by key name
+        (MQTT: one ``client_id`` per broker). Two sources with one identity are a config
+        error."""
+        return {}
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Problems found across this source's tables, as (key path below the source,
+        message): rules on points the source never produces."""
+        points = self.known_points()
+        if points is None:
+            return []
+        return [
+            (
+                f"rules.{i}.point",
+                f"rule {rule.name!r} watches point {rule.point!r}, which this source does "
+                f"not produce (it has: {', '.join(sorted(points)) or 'no points'})",
+            )
+            for i, rule in enumerate(self.rules)
+            if rule.point not in points
+        ]
 
 
 class Output(Protocol):

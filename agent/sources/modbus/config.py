@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from agent import profiles
 from agent.codes import Code, Severity
-from agent.configtypes import Duration, Section
+from agent.configtypes import Duration, PositiveDuration, Section, at_least
 from agent.rbe import ReportByException
 from agent.sources.base import SourceConfig
 
@@ -65,7 +65,7 @@ class ConnectionConfig(Section):
     serial_port: str | None = None
     """Serial device for ``rtu``, e.g. ``/dev/ttyUSB0`` (pyserial URLs such as
     ``socket://host:port`` also work)."""
-    baudrate: int = 9600
+    baudrate: int = Field(9600, gt=0)
     """Serial speed (``rtu``)."""
     bytesize: Literal[7, 8] = 8
     """Data bits (``rtu``)."""
@@ -73,16 +73,16 @@ class ConnectionConfig(Section):
     """Parity (``rtu``): none, even, odd."""
     stopbits: Literal[1, 2] = 1
     """Stop bits (``rtu``)."""
-    timeout: Duration = 1.0
+    timeout: PositiveDuration = 1.0
     """How long to wait for a connection or for each answer."""
     retries: int = Field(1, ge=0, le=10)
     """Extra attempts of a request that got no answer (not for exception answers)."""
     pause_between_requests: Duration = 0.0
     """Quiet time after each answer before the next request on this connection (slow
     RS-485 gateways and devices need some, e.g. ``"20ms"``)."""
-    reconnect_initial: Duration = 1.0
+    reconnect_initial: PositiveDuration = 1.0
     """First delay before reconnecting after the connection failed (full jitter)."""
-    reconnect_max: Duration = 60.0
+    reconnect_max: PositiveDuration = 60.0
     """Longest delay between reconnect attempts."""
 
     @model_validator(mode="after")
@@ -92,6 +92,11 @@ class ConnectionConfig(Section):
         if self.transport != "rtu" and not self.host:
             raise ValueError(f"transport {self.transport!r} needs 'host'")
         return self
+
+    @field_validator("reconnect_max")
+    @classmethod
+    def _check_backoff(cls, value: float, info: ValidationInfo) -> float:
+        return at_least(value, info, "reconnect_initial")
 
 
 class PointConfig(Section):
@@ -166,7 +171,7 @@ class DeviceConfig(Section):
     """Name of the connection (a key of ``connections``)."""
     unit_id: int = Field(1, ge=0, le=255)
     """Modbus unit / slave / device id."""
-    interval: Duration = 10.0
+    interval: PositiveDuration = 10.0
     """Poll period. A poll that overruns skips the missed slots (counted, never
     stacked)."""
     address_base: Literal[0, 1] = 0
@@ -228,6 +233,10 @@ class ModbusConfig(SourceConfig):
     """Named connections (``[sources.<name>.connections.<conn>]``)."""
     devices: dict[str, DeviceConfig]
     """Named devices (``[sources.<name>.devices.<device>]``)."""
+
+    def known_points(self) -> set[str]:
+        """The point names of every device (profiles included)."""
+        return {p.name for device in self.devices.values() for p in device.points}
 
     @model_validator(mode="after")
     def _check_refs(self) -> ModbusConfig:

@@ -6,17 +6,25 @@ The docstrings of these classes are the user documentation (see also docs/mqtt.m
 from __future__ import annotations
 
 import re
+import ssl
 import string
-from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from agent import profiles
 from agent.codes import Code, Severity
-from agent.configtypes import ByteSize, Duration, SecretFilePath, Section
+from agent.configtypes import (
+    ByteSize,
+    ExistingFile,
+    PositiveDuration,
+    SecretFilePath,
+    Section,
+    at_least,
+    warn,
+)
 from agent.rbe import ReportByException
-from agent.sources.base import SourceConfig
+from agent.sources.base import SourceConfig, UniqueKey
 
 _NAMED = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 
@@ -33,14 +41,30 @@ def template_fields(template: str) -> set[str]:
 class TlsConfig(Section):
     """TLS to the broker (``[sources.<name>.tls]``). Present means TLS is on."""
 
-    ca_file: Path | None = None
+    ca_file: ExistingFile | None = None
     """CA bundle (PEM) that signed the broker's certificate. Default: the system store."""
-    cert_file: Path | None = None
+    cert_file: ExistingFile | None = None
     """Client certificate (PEM) for mutual TLS."""
-    key_file: Path | None = None
+    key_file: ExistingFile | None = None
     """Key of ``cert_file`` when it is not in the same file."""
     insecure_skip_verify: bool = False
     """Skip certificate and host name checks. Lab use only: never in production."""
+
+    @model_validator(mode="after")
+    def _check_files(self) -> TlsConfig:
+        # Load them now, so check-config and a reload refuse a missing or bad file
+        # instead of the source failing (and retrying forever) at its first connect.
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file needs cert_file")
+        try:
+            ctx = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+            if self.cert_file is not None:
+                ctx.load_cert_chain(str(self.cert_file), str(self.key_file or "") or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load the TLS files (ca_file, cert_file): {exc}") from None
+        if self.insecure_skip_verify:
+            warn("an MQTT tls.insecure_skip_verify is on: the broker's identity is not checked")
+        return self
 
 
 class PointConfig(Section):
@@ -244,21 +268,21 @@ class MqttConfig(SourceConfig):
     """Password. Prefer ``password_file``."""
     password_file: SecretFilePath | None = None
     """File holding the password (mode 600)."""
-    keepalive: Duration = 60.0
+    keepalive: PositiveDuration = 60.0
     """Keep-alive interval; a dead connection is noticed within about 1.5 times this."""
-    session_expiry: Duration = 7 * 86400.0
+    session_expiry: PositiveDuration = 7 * 86400.0
     """MQTT 5: how long the broker keeps the session (and queues messages) while the
     agent is away. MQTT 3.1.1 sessions never expire (broker settings permitting)."""
     receive_maximum: int = Field(default=1000, ge=1, le=65535)
     """MQTT 5: most unacknowledged messages the broker may send at once (the in-memory
     bound; MQTT 3.1.1 relies on the broker's ``max_inflight_messages``)."""
-    connect_timeout: Duration = 15.0
+    connect_timeout: PositiveDuration = 15.0
     """Time allowed for connect and subscribe."""
-    reconnect_initial: Duration = 1.0
+    reconnect_initial: PositiveDuration = 1.0
     """First reconnect delay (full-jitter exponential backoff)."""
-    reconnect_cap: Duration = 60.0
+    reconnect_cap: PositiveDuration = 60.0
     """Longest reconnect delay."""
-    stable_after: Duration = 30.0
+    stable_after: PositiveDuration = 30.0
     """A connection that lasted this long resets the backoff; shorter ones count as
     flapping (client-id clash detection)."""
     clash_threshold: int = Field(default=3, ge=2)
@@ -282,10 +306,36 @@ class MqttConfig(SourceConfig):
     subscriptions: list[SubscriptionConfig] = Field(min_length=1)
     """Topic filters and their mappings. A message goes to the first that matches."""
 
+    def known_points(self) -> set[str] | None:
+        """Point names of every subscription; None when one names them from the input
+        (Sparkplug without ``points``, ``value`` on a wildcard last level, tag scans)."""
+        names: set[str] = set()
+        for sub in self.subscriptions:
+            if sub.points:
+                names.update(p.name for p in sub.points)
+            elif sub.format == "value" and sub.mqtt_filter.rsplit("/", 1)[-1] not in "+#":
+                names.add(sub.topic.rsplit("/", 1)[-1])
+            else:
+                return None
+        return names
+
+    def unique_keys(self) -> dict[str, UniqueKey]:
+        """One client id per broker: a second client with it takes the session over."""
+        return {
+            "client_id": UniqueKey(
+                ("mqtt", self.host.lower(), self.port, self.client_id),
+                f"{self.client_id!r} on broker {self.host}:{self.port}",
+                "the broker disconnects one client whenever the other connects, forever",
+            )
+        }
+
+    @field_validator("reconnect_cap")
+    @classmethod
+    def _check_reconnect(cls, value: float, info: ValidationInfo) -> float:
+        return at_least(value, info, "reconnect_initial")
+
     @model_validator(mode="after")
     def _check_backoff(self) -> MqttConfig:
-        if self.reconnect_cap < self.reconnect_initial:
-            raise ValueError("reconnect_cap must be at least reconnect_initial")
         if self.max_held_bytes < self.max_payload_bytes:
             raise ValueError("max_held_bytes must be at least max_payload_bytes")
         return self

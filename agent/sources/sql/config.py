@@ -7,14 +7,20 @@ documentation (docs/sql-sources.md repeats them with examples).
 from __future__ import annotations
 
 import re
-from typing import Literal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
-from agent.configtypes import Duration, SecretFilePath, Section
+from agent.configtypes import Duration, PositiveDuration, SecretFilePath, Section, at_least
 from agent.records import EntityType
+from agent.rules.config import RuleConfig
 from agent.sources.base import SourceConfig
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 Profile = Literal["sap_ecc", "maximo", "declarative"]
 CursorKind = Literal["timestamp", "number", "text", "sap_date", "sap_datetime"]
@@ -52,6 +58,42 @@ def check_select(sql: str) -> str:
     if m := _WRITE_WORDS.search(bare):
         raise ValueError(f"the query must only read; {m.group(0).upper()!r} is not allowed")
     return sql.strip().rstrip(";")
+
+
+# The pip packages of each documented driver (docs/sql-sources.md, "Drivers").
+DRIVER_PACKAGES: dict[str, str] = {
+    "asyncpg": "asyncpg",
+    "asyncmy": "asyncmy",
+    "aioodbc": "aioodbc",
+    "oracledb_async": "oracledb",
+    "oracledb": "oracledb",
+    "hdbcli": "hdbcli sqlalchemy-hana",
+    "aiosqlite": "aiosqlite",
+}
+
+
+def check_driver(url: URL) -> None:
+    """The URL's dialect exists and its driver imports, or ValueError saying what to
+    install: the runtime would otherwise fail (and retry forever) at its first query."""
+    from sqlalchemy.exc import NoSuchModuleError  # noqa: PLC0415 - keep config import light
+
+    try:
+        dialect = url.get_dialect()
+    except NoSuchModuleError:
+        raise ValueError(
+            f"unknown database dialect or driver {url.drivername!r} (write for example "
+            "'postgresql+asyncpg://', 'mysql+asyncmy://', 'oracle+oracledb_async://', "
+            "'sqlite+aiosqlite:///')"
+        ) from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        package = DRIVER_PACKAGES.get(url.get_driver_name(), exc.name or url.get_driver_name())
+        raise ValueError(
+            f"the database driver of {url.drivername!r} is not installed "
+            f"(no module {exc.name!r}); add it to the agent's environment: "
+            f"{Path(sys.prefix) / 'bin' / 'pip'} install {package} (docs/sql-sources.md, Drivers)"
+        ) from None
 
 
 def check_ident(name: str) -> str:
@@ -241,22 +283,22 @@ class SqlSourceConfig(SourceConfig):
     UDATE); docs/sql-sources.md says what they catch and what a site must have."""
     include: list[str] | None = None
     """Built-in profiles: read only these entities (default: all of the profile)."""
-    interval: Duration = 900.0
+    interval: PositiveDuration = 900.0
     """Time between incremental syncs of an entity (seconds to daily: "30s", "15m", "1d")."""
-    initial_window: Duration | None = 90 * 86400.0
+    initial_window: PositiveDuration | None = 90 * 86400.0
     """First sync reads rows changed within this window ("90d"); unset: everything."""
-    reconcile_interval: Duration | None = 86400.0
+    reconcile_interval: PositiveDuration | None = 86400.0
     """How often to compare all keys and turn hard deletes into ``delete`` records; unset:
     never."""
     chunk_size: int = Field(default=5000, ge=1, le=100_000)
     """Rows per query and per outbox transaction; memory stays flat at any table size."""
     mappings: dict[str, FieldMapping] = Field(default_factory=dict)
     """Field mappings per entity name: ``[sources.<name>.mappings.work_orders]``."""
-    retry_initial: Duration = 5.0
+    retry_initial: PositiveDuration = 5.0
     """First retry delay after a database error (full-jitter backoff)."""
-    retry_cap: Duration = 600.0
+    retry_cap: PositiveDuration = 600.0
     """Longest retry delay."""
-    query_timeout: Duration = 300.0
+    query_timeout: PositiveDuration = 300.0
     """A query taking longer than this fails (and is retried)."""
 
     @field_validator("timezone")
@@ -287,6 +329,40 @@ class SqlSourceConfig(SourceConfig):
             raise ValueError("put the password in 'password_file', not in the URL")
         return value
 
+    def problems(self) -> list[tuple[str, str]]:
+        """Also: the URL's driver must be installed (a disabled source's is a warning)."""
+        from sqlalchemy.engine import make_url  # noqa: PLC0415
+
+        try:
+            check_driver(make_url(self.url))
+        except ValueError as exc:
+            return [*super().problems(), ("url", str(exc))]
+        return super().problems()
+
+    def files(self) -> dict[str, Path]:
+        """A SQLite database file must exist: the source opens it read-only."""
+        from sqlalchemy.engine import make_url  # noqa: PLC0415
+
+        url = make_url(self.url)
+        db = url.database
+        if url.get_backend_name() != "sqlite" or not db or db == ":memory:":
+            return {}
+        return {"url": Path(db.removeprefix("file:").split("?", 1)[0])}
+
+    @field_validator("retry_cap")
+    @classmethod
+    def _check_retry(cls, value: float, info: ValidationInfo) -> float:
+        return at_least(value, info, "retry_initial")
+
+    @field_validator("rules")
+    @classmethod
+    def _no_rules(cls, value: list[RuleConfig]) -> list[RuleConfig]:
+        # Rules watch points (``data.point``) of readings and events; SQL records have
+        # none, so a rule here could never fire: say so instead of staying silent.
+        if value:
+            raise ValueError("edge rules watch MQTT and Modbus points; a sql source has none")
+        return value
+
     @model_validator(mode="after")
     def _profile_entities(self) -> SqlSourceConfig:
         if self.profile == "declarative" and not self.entities:
@@ -298,6 +374,12 @@ class SqlSourceConfig(SourceConfig):
         if unknown:
             raise ValueError(
                 f"include: unknown entities {unknown}; {self.profile} has {list(known)}"
+            )
+        # A mapping of an entity that does not exist would be ignored without a word.
+        stray = sorted(set(self.mappings) - set(known))
+        if stray:
+            raise ValueError(
+                f"mappings: unknown entities {stray}; {self.profile} has {list(known)}"
             )
         self._check_change_documents()
         self._check_children(known)

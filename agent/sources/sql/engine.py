@@ -213,6 +213,30 @@ class Database:
                 raise classify(exc) from exc
             raise
 
+    async def columns(self, stmt: Executable) -> list[str]:
+        """The column names of ``stmt``'s result (give it ``LIMIT 0``: no row is read).
+        Raises TransientError/ReauthorizationRequired as :meth:`fetch` does."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                if self._sync is not None:
+                    return await asyncio.to_thread(self._columns_sync, stmt)
+                assert self._async is not None
+                async with self._async.connect() as conn:
+                    return list((await conn.execute(stmt)).keys())
+        except TimeoutError:
+            raise TransientError(f"query timed out after {self.timeout:.0f}s") from None
+        except (DBAPIError, OSError, ConnectionError) as exc:
+            raise classify(exc) from exc
+        except Exception as exc:
+            if type(exc).__module__.split(".")[0] in {"asyncpg", "asyncmy", "aiosqlite"}:
+                raise classify(exc) from exc
+            raise
+
+    def _columns_sync(self, stmt: Executable) -> list[str]:
+        assert self._sync is not None
+        with self._sync.connect() as conn:
+            return list(conn.execute(stmt).keys())
+
     def _fetch_sync(self, stmt: Executable, params: Mapping[str, Any] | None) -> list[Row]:
         assert self._sync is not None
         with self._sync.connect() as conn:

@@ -7,6 +7,7 @@ change needs no code change.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from agent.sources.sql.config import FieldMapping
@@ -67,3 +68,52 @@ def apply(
     for key in leave_out:
         del remote[key]
     return out, custom, remote
+
+
+class MissingColumnsError(ValueError):
+    """A mapped column is not in the result set: the entity fails, nothing is written.
+
+    Mapping it to ``null`` instead would overwrite the cloud's value with nothing, silently,
+    for every row. The entity is retried (with backoff) and stays ``failed`` with this
+    message until the mapping or the query is fixed.
+    """
+
+
+def mapped_columns(
+    entity: str, configured: Mapping[str, str], mapping: FieldMapping | None
+) -> dict[str, str]:
+    """What the config says comes from a column, as ``{key path below the source:
+    column}``: the profile's configured columns (``entities.wo.fields.title``...) and the
+    custom fields of the entity's mapping (``mappings.wo.custom.zz_contract``)."""
+    wanted = dict(configured)
+    if mapping is not None:
+        at = f"mappings.{entity}.custom"
+        wanted.update({f"{at}.{name}": col for name, col in mapping.custom.items()})
+    return wanted
+
+
+def missing_columns(wanted: Mapping[str, str], columns: Iterable[str]) -> list[tuple[str, str]]:
+    """The ``(key path, message)`` of every ``wanted`` column the result set lacks
+    (compared as :func:`resolve` finds them: exact, else case-insensitive)."""
+    have = list(columns)
+    folded = {c.lower() for c in have}
+    shown = ", ".join(c for c in have if not c.startswith("_")) or "none"
+    return [
+        (key, f"column {col!r} is not in the query's result (it returns: {shown})")
+        for key, col in wanted.items()
+        if col.lower() not in folded
+    ]
+
+
+def check_columns(
+    source: str, entity: str, wanted: Mapping[str, str], columns: Iterable[str]
+) -> None:
+    """Raise :class:`MissingColumnsError` naming source, entity, and every mapped field
+    (by key path) whose column the result set lacks."""
+    missing = missing_columns(wanted, columns)
+    if missing:
+        raise MissingColumnsError(
+            f"source {source!r}, entity {entity!r}: "
+            + "; ".join(f"{key}: {msg}" for key, msg in missing)
+            + "; nothing of this entity is written until the mapping or the query is fixed"
+        )

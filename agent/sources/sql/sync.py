@@ -123,6 +123,9 @@ class EntitySync:
         self.state = SyncState()
         self.known: str | None = None
         self.added: keyset.AddedKeys | None = None
+        self.columns = mapping.mapped_columns(
+            spec.name, spec.extra.get("columns", {}), self.mapping
+        )
 
     @property
     def cursor_key(self) -> str:
@@ -308,6 +311,8 @@ class EntitySync:
     def _map_rows(self, rows: Sequence[Row], ctx: Any) -> tuple[list[Record], list[Quarantined]]:
         spec, fmap, mapper = self.spec, self.mapping, self.spec.mapper
         build = entity_builder(self.source.ref, spec.entity_type, spec.precision).build
+        if rows:  # a mapped column missing from the result: fail, never write nulls
+            mapping.check_columns(self.source.name, spec.name, self.columns, rows[0])
         leave_out = mapping.remote_columns(fmap, rows[0]) if rows else None
         observed = format_time(datetime.now(UTC))  # one time for the chunk, formatted once
         records: list[Record] = []

@@ -137,7 +137,19 @@ def _entity(name: str, ent: EntityConfig, tz: ZoneInfo) -> EntitySpec:
         remote_id=remote_id_of,
         precision=ent.modified_precision,
         system="sql",
+        # Checked against the first row of every chunk (sync) and by check-config
+        # --connect: an unresolved column would map to null for every row.
+        extra={"columns": _columns(name, ent)},
     )
+
+
+def _columns(name: str, ent: EntityConfig) -> dict[str, str]:
+    """Key path (below the source) -> the column it names."""
+    at = f"entities.{name}"
+    out = {f"{at}.fields.{field}": col for field, col in ent.fields.items()}
+    out.update({f"{at}.deleted_when.{col}": col for col in ent.deleted_when})
+    out.update({f"{at}.key": col for col in ent.key})
+    return out
 
 
 def specs(config: SqlSourceConfig, _db: Database) -> list[EntitySpec]:
