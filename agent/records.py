@@ -14,7 +14,10 @@ the same ``id`` and the upstream can drop what it has already seen:
   into the stored envelope (``AppendResult.ids`` tells the caller). A version equal to
   the entity's last one is not appended at all, so a re-read changes nothing upstream;
   one that returns to an earlier content (A, B, A) gets a new id, never an old one.
-* ``id = uuid5(NS, f"{source}:{point}:{observed_at}")`` for readings and events.
+* ``id = uuid5(NS, f"{source}:{point}:{observed_at}:{content_hash}")`` for readings and
+  events (``{observed_at}~{era}`` when the agent stamped the time): one id per
+  observation (the point, its observed time at microseconds, what was observed), so two
+  values of one point in one second never share an id.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Literal
@@ -152,6 +155,78 @@ def iso_utc(value: datetime) -> str:
     """
     text = value.isoformat()  # YYYY-MM-DDTHH:MM:SS[.ffffff]+00:00
     return text[:23] + "Z" if value.microsecond else text[:19] + ".000Z"
+
+
+_last_observed: tuple[object, str] = (object(), "")
+
+
+def format_observed(value: datetime) -> str:
+    """An observation time as RFC 3339 UTC with microseconds: ``YYYY-MM-DDTHH:MM:SS.ffffffZ``.
+
+    Readings and events show, and their ids hash, the observed time to the microsecond:
+    an arrival stamp has that resolution, and milliseconds would show two observations
+    of one point with one time. Always six digits and a four-digit year (naive values
+    are taken as UTC), so the text sorts as the time does and has one length.
+    """
+    global _last_observed  # noqa: PLW0603 - a one-entry cache (a poll shares one time)
+    last = _last_observed
+    if last[0] is value:
+        return last[1]
+    given = value
+    if value.tzinfo is not UTC:
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    if value.year >= 1000:  # isoformat: YYYY-MM-DDTHH:MM:SS[.ffffff]+00:00
+        text = value.isoformat()
+        text = text[:26] + "Z" if value.microsecond else text[:19] + ".000000Z"
+    else:
+        text = (
+            f"{value.year:04d}-{value.month:02d}-{value.day:02d}T{value.hour:02d}:"
+            f"{value.minute:02d}:{value.second:02d}.{value.microsecond:06d}Z"
+        )
+    _last_observed = (given, text)
+    return text
+
+
+_ONE_US = timedelta(microseconds=1)
+CLOCK_STEP_BACK = timedelta(seconds=1)
+"""How far back the clock may go before :class:`ArrivalClock` follows it (see there)."""
+
+
+class ArrivalClock:
+    """Arrival stamps of one producer: UTC, microseconds, strictly increasing per era.
+
+    An observation without a time of its own is stamped on arrival, and the stamp is
+    part of its id; two messages of one point with one value must not get one stamp,
+    however close together they arrive (a backlog is delivered in bursts). A stamp not
+    later than the previous one becomes the previous one plus a microsecond. When the
+    system clock steps back by more than :data:`CLOCK_STEP_BACK` (NTP correcting a bad
+    clock), the stamps follow the clock instead of running ahead of it for as long as
+    the step, and ``era`` counts up: the era is part of a stamped observation's id
+    (``Record.reading(stamped=era)``), so the microseconds lived twice never collide.
+    """
+
+    __slots__ = ("_last", "era")
+
+    def __init__(self) -> None:
+        self._last: datetime | None = None
+        self.era = 0
+
+    def stamp(self, at: datetime | None = None) -> datetime:
+        """``at`` (timezone-aware; default: now), moved past the previous stamp if needed."""
+        if at is None:
+            at = datetime.now(UTC)
+        last = self._last
+        if last is not None and at <= last:
+            if last - at < CLOCK_STEP_BACK:
+                at = last + _ONE_US
+            else:
+                self.era += 1
+        self._last = at
+        return at
+
+
+STATUS_CLOCK = ArrivalClock()
+"""The stamps of ``connection_status`` changes (upstream, SQL and Modbus devices)."""
 
 
 # uuid5 = sha1(namespace bytes + name): hash the namespace once and copy the state.
@@ -360,11 +435,17 @@ class Record:
         *,
         custom: dict[str, Any] | None = None,
         remote_data: dict[str, Any] | None = None,
+        stamped: int | None = None,
     ) -> Record:
-        """A meter reading or event of ``point``; its ``id`` is (source, point, time).
+        """A meter reading or event of ``point``: one observation.
 
-        A broker redelivering the same message, or a poll re-reading the same sample,
-        gives the same id, so the upstream keeps one copy.
+        Its ``id`` covers the source, the point, ``observed_at`` (to the microsecond),
+        where that time comes from, and the content hash (the value, or the event's
+        fields): a broker redelivering the same message gives the same id, so the
+        upstream keeps one copy, and two different observations never share one,
+        whatever their times. ``stamped`` is None when ``observed_at`` is the source's
+        time, else the :class:`ArrivalClock` era of the agent's stamp (a stamp and a
+        source time that happen to be equal are still two observations).
         """
         if entity_type not in READING_TYPES:
             raise ValueError(f"reading() is for meter_reading and event, not {entity_type}")
@@ -372,10 +453,16 @@ class Record:
         d = canonical_json(data)
         c = canonical_json(custom) if custom else _EMPTY_OBJECT
         r = None if remote_data is None else canonical_json(remote_data)
-        at = format_time(observed_at)
-        rid = _uuid5(f"{source.name}:{point}:{at}")
-        eid = _entity_id(source.name, entity_type, point)
+        at = format_observed(observed_at)
         chash = _hash(_OP_JSON[Op.UPSERT], d, c, _NULL if r is None else r)
+        # Source names have no ':' and the time and hash have fixed lengths: one name
+        # per (source, point, time, origin of the time, content).
+        rid = _uuid5(
+            f"{source.name}:{point}:{at}:{chash}"
+            if stamped is None
+            else f"{source.name}:{point}:{at}~{stamped}:{chash}"
+        )
+        eid = _entity_id(source.name, entity_type, point)
         rec = cls(
             rid, eid, entity_type, Op.UPSERT, source, point, at, chash,
             data, custom, remote_data, at, "second",
@@ -618,21 +705,24 @@ def connection_status(
     """A ``connection_status`` record: a source or the upstream changed state.
 
     ``remote_id`` is the component's name, so upstream keeps one current status per
-    component. ``changed_at`` is part of the content, so going back to an earlier state
-    (connected, failed, connected) is a new version and not a duplicate.
+    component. ``changed_at`` is part of the content, to the microsecond and from
+    :data:`STATUS_CLOCK` (strictly increasing), so two changes never have one content,
+    even in one second: going back to an earlier state (connected, failed, connected) is
+    a new version and not a duplicate.
     """
-    now = at or datetime.now(UTC)
+    now = at or STATUS_CLOCK.stamp()
+    changed = format_observed(now)
     data: dict[str, Any] = {
         "state": state,
         "reason": reason,
         "detail": detail,
-        "changed_at": format_time(now),
+        "changed_at": changed,
     }
     return Record.entity(
         source,
         EntityType.CONNECTION_STATUS,
         source.name,
         data,
-        source_modified_at=now,
+        source_modified_at=changed,
         observed_at=now,
     )

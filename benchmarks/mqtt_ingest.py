@@ -35,9 +35,10 @@ import aiomqtt
 import structlog
 
 from agent.outbox import Outbox
-from agent.records import EntityType, Record, SourceRef
+from agent.records import SourceRef
 from agent.sources.base import SourceContext
 from agent.sources.mqtt import MqttConfig, MqttSource
+from agent.sources.mqtt.mapping import Mapper
 from tests.helpers.mosquitto import Mosquitto
 from tests.helpers.mqttpub import Publisher
 
@@ -145,16 +146,14 @@ async def agent(port: int, n: int, db: Path) -> float:
 
 
 def lost(db: Path, first: int, n: int) -> int:
-    ref = SourceRef("bench", "mqtt", "s1")
+    # The ids the source must have stored, from the source's own mapper (the messages
+    # carry their time, so the arrival time given here does not matter).
+    mapper = Mapper(SourceRef("bench", "mqtt", "s1"), agent_config(1883))
+    now = datetime.now(UTC)
     want = {
-        Record.reading(
-            ref,
-            EntityType.METER_READING,
-            f"A{i % ASSETS}/v",
-            datetime.fromtimestamp(TS0 + i, UTC),
-            {},
-        ).id
+        rec.id
         for i in range(first, first + n)
+        for rec in mapper.map(topic(i), payload(i), now).records
     }
     con = sqlite3.connect(db)
     try:

@@ -141,7 +141,7 @@ async def test_mqtt_profile_rules_and_restart_while_raised(
         got = await records(box)
     rules = rule_records(got)
     assert [r for r in rules if r[0] == "maintenance_request"] == [
-        ("maintenance_request", "L7/door_fault/20260921T141330.000Z", "open")
+        ("maintenance_request", "L7/door_fault/20260921T141330.000000Z", "open")
     ]
     door = [r[2] for r in rules if r[1] == "L7/rule/door_fault"]
     assert door == ["raised", "cleared"]

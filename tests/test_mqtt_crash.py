@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import json
 import threading
+import tomllib
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from agent.records import EntityType, Record, SourceRef
+from agent.records import SourceRef
+from agent.sources.mqtt import MqttConfig
+from agent.sources.mqtt.mapping import Mapper
 from agent.sources.mqtt.source import TEST_HOLD_ACKS_ENV
 from tests.helpers.agentproc import AgentProcess, outbox_rows
 from tests.helpers.mosquitto import Mosquitto
@@ -73,11 +76,19 @@ def write_config(tmp: Path, port: int, protocol: str, max_bytes: int) -> Path:
     return path
 
 
+MAPPER = Mapper(
+    SourceRef("plant", "mqtt", "s1"),
+    MqttConfig.model_validate(tomllib.loads(CONFIG.format(state="", max_bytes=1, port=1883,
+                                                          protocol="5"))["sources"]["plant"]),
+)  # fmt: skip
+
+
 def expected_id(asset: str, ts: int) -> str:
-    """The deterministic id the agent gives the reading of message (asset, ts)."""
-    at = datetime.fromtimestamp(ts, UTC)
-    ref = SourceRef("plant", "mqtt", "s1")
-    return Record.reading(ref, EntityType.METER_READING, f"{asset}/v", at, {}).id
+    """The deterministic id the agent gives the reading of message (asset, ts), from the
+    agent's own mapper with this file's config (the id covers the value too)."""
+    now = datetime.now(UTC)  # not used: the message carries its time
+    (record,) = MAPPER.map(f"t/{asset}", message(asset, ts).encode(), now).records
+    return record.id
 
 
 def ids(db: Path) -> Counter[str]:

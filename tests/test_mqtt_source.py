@@ -45,7 +45,7 @@ async def test_json_message_becomes_reading(mosquitto: Mosquitto, tmp_path, prot
     assert load["data"]["value"] == 412.0
     assert load["data"]["unit"] == "kg"
     assert load["data"]["asset_remote_id"] == "L7"
-    assert load["observed_at"] == "2026-09-21T14:13:20.000Z"
+    assert load["observed_at"] == "2026-09-21T14:13:20.000000Z"
 
 
 async def test_a_mapper_bug_quarantines_its_message_and_the_session_goes_on(

@@ -67,7 +67,7 @@ def test_zero_padded_keys_are_distinct_entities() -> None:
     assert a.remote_id == "000000000010"
 
 
-def test_reading_id_is_source_point_time() -> None:
+def test_reading_id_is_source_point_time_and_content() -> None:
     src = SourceRef("lift-mqtt", "mqtt", "tower-a")
     at = datetime(2026, 11, 22, 9, 0, 3, 120000, tzinfo=UTC)
     r1 = Record.reading(src, EntityType.METER_READING, "lift1/trips", at, {"value": 5})
@@ -78,7 +78,13 @@ def test_reading_id_is_source_point_time() -> None:
         at.astimezone(timezone(timedelta(hours=2))),
         {"value": 5},
     )
-    assert r1.id == r2.id == str(uuid.uuid5(NS, "lift-mqtt:lift1/trips:2026-11-22T09:00:03.120Z"))
+    name = f"lift-mqtt:lift1/trips:2026-11-22T09:00:03.120000Z:{r1.content_hash}"
+    assert r1.id == r2.id == str(uuid.uuid5(NS, name))
+    assert r1.observed_at == r1.source_modified_at == "2026-11-22T09:00:03.120000Z"
+    # Another value at the same time is another observation (the design's old rule,
+    # source:point:time, gave both one id and the upstream dropped the second).
+    r3 = Record.reading(src, EntityType.METER_READING, "lift1/trips", at, {"value": 6})
+    assert r3.id != r1.id
     assert r1.retention is RetentionClass.READING
     with pytest.raises(ValueError, match="reading"):
         Record.reading(src, EntityType.WORK_ORDER, "p", at, {})
@@ -139,3 +145,15 @@ def test_connection_status_back_to_an_old_state_is_a_new_version() -> None:
     assert len({a.id, b.id, c.id}) == 3
     assert connection_status(SAP, "connected", at=t0).id == a.id
     assert a.entity_id == b.entity_id == c.entity_id
+
+
+def test_connection_status_changes_in_one_instant_never_share_content() -> None:
+    """Stamped by the agent (no ``at``), two changes never share ``changed_at``, however
+    close together: connected, failed, connected within one second (or one microsecond)
+    is three versions, the third not a copy of the first."""
+    got = [connection_status(SAP, s) for s in ("connected", "failed", "connected") * 50]
+    assert len({r.content_hash for r in got}) == len(got)
+    assert len({r.id for r in got}) == len(got)
+    changed = [r.data["changed_at"] for r in got]
+    assert changed == sorted(changed)  # microseconds, fixed width: text order is time order
+    assert all(len(t) == len("2026-11-22T09:00:00.000000Z") for t in changed)

@@ -16,7 +16,9 @@ epoch: the SQL case pins it (``EPOCH``). ``SQL_GOLDEN`` is what the outbox store
 value it had before chaining existed: proof that chaining moved the ids and nothing else.
 
 To regenerate after a DELIBERATE format change (never for a speed-up):
-``python -m tests.test_records_golden``.
+``python -m tests.test_records_golden``. Deliberate changes so far: readings and events
+(and ``connection_status.changed_at``) moved to observation identity, ids covering the
+content and times in microseconds (CHANGELOG, "Changed"); entity versions did not move.
 """
 
 from __future__ import annotations
@@ -308,10 +310,10 @@ def digest(bodies: list[bytes]) -> str:
 
 GOLDEN: dict[str, list[str]] = {
     "connection_status": [
-        "ca095fd4-4b78-5002-a77d-23e5ada704c7",
+        "986d6470-7bac-57ec-8036-536736919b4f",
         "0f586884-df9e-5b54-b17b-04a145fb06cb",
-        "sha256:4d050dae54d6c1fc95bf866137ee45f6c05ae4a1719f0d9069657847723c3e2e",
-        "ac93e0c8dc48e541060b063a165415aa2d0f2349debe6229f9a511f6b0368808",
+        "sha256:904c639e8aae290c53307c59c2e854513b2273464036ea3fdfc405cc5c9df48b",
+        "5a332b1e5f1589e47f15d20673b351a16dead41f3414f790c93203fc1bdf67ad",
     ],
     "entity_date_modified": [
         "a744ee1c-dadc-54ba-9dd0-6a8b111d9603",
@@ -338,16 +340,16 @@ GOLDEN: dict[str, list[str]] = {
         "3b3223c6517b7bf0111ceb12913ed7b8131e601953e7edf543beb8fbaf32d385",
     ],
     "reading": [
-        "e0c0b827-9c5f-5a14-a3d9-3b80a5ace1d3",
+        "568ad078-e625-5e6f-abfc-714741e4b1ed",
         "3bd4e4a9-2c36-50d7-bf46-3c25ffdbafff",
         "sha256:3e6176e70a4a19f3c81c0a765d7e036cbce5a156243be67de19cac5944e90654",
-        "1a19627805ba7ab37297dc4824c04375b49667e6db06b8a9f49ec42073fe0b7b",
+        "fbfd692e93135dee98d57f18212d7fb04e990cd6a99f36d44446c37a5eba4524",
     ],
     "reading_custom_remote": [
-        "3315453d-ec02-516d-9656-4937f7260bb2",
+        "fcdfba4d-4567-5668-8370-5afe46e4c48b",
         "0926907d-57e3-589c-b8df-97962fdfff1d",
         "sha256:53966ad598412ee8c838c720daa22fe43c8d7431b405b4a4ec98195b3dc4547b",
-        "9d06d9527380adeb14aa587f20cb76767e5e27f18f83e4801b9381ed64570b0a",
+        "5fc5a10f40ed5c9dc795bc9c255d52ad5c14a32867ac10002cf641e37ec949b1",
     ],
 }
 FULL: dict[str, bytes] = {
@@ -366,10 +368,10 @@ FULL: dict[str, bytes] = {
     "reading": b'{"content_hash":"sha256:3e6176e70a4a19f3c81c0a765d7e036cbce5a156243be67de19cac59'
     b'44e90654","custom":{},"data":{"asset_remote_id":"L7","quality":"good","unit":"de'
     b'gC","value":71.25},"entity_id":"3bd4e4a9-2c36-50d7-bf46-3c25ffdbafff","entity_ty'
-    b'pe":"meter_reading","id":"e0c0b827-9c5f-5a14-a3d9-3b80a5ace1d3","modified_precis'
-    b'ion":"second","observed_at":"2026-11-22T09:00:03.120Z","op":"upsert","remote_id"'
-    b':"lift-7/motor_temp","source":{"name":"sap-prd","site":"plant-1000","system":"sa'
-    b'p_ecc"},"source_modified_at":"2026-11-22T09:00:03.120Z"}',
+    b'pe":"meter_reading","id":"568ad078-e625-5e6f-abfc-714741e4b1ed","modified_precis'
+    b'ion":"second","observed_at":"2026-11-22T09:00:03.120456Z","op":"upsert","remote_'
+    b'id":"lift-7/motor_temp","source":{"name":"sap-prd","site":"plant-1000","system":'
+    b'"sap_ecc"},"source_modified_at":"2026-11-22T09:00:03.120456Z"}',
 }
 SQL_UNCHAINED: dict[str, tuple[int, str]] = {
     "False": (7, "f8701d1a4abd69b7bd520b3abec159307c4c5a832fdabd0e44537667692df9ab"),
@@ -386,7 +388,7 @@ CHAINED: list[str] = [
 ]
 MQTT_GOLDEN: tuple[int, str] = (
     7,
-    "5c8b86615ea76c6c6cae0d933306ae429cf877aca25740750081227f03d23b9a",
+    "90a9c0054517a14f6ceab6703d5ff0c3005790a3c2785237c04d3ab30a7fe19f",
 )
 
 
@@ -507,7 +509,7 @@ def test_any_reading_encodes_as_the_reference(
     rec = Record.reading(SAP, EntityType.METER_READING, point, at, data)
     assert rec.content_hash == reference_hash("upsert", data, {}, None)
     assert rec.to_json() == reference_json(rec)
-    assert rec.id == str(uuid.uuid5(NS, f"{SAP.name}:{point}:{rec.observed_at}"))
+    assert rec.id == str(uuid.uuid5(NS, f"{SAP.name}:{point}:{rec.observed_at}:{rec.content_hash}"))
 
 
 def _generate() -> None:  # pragma: no cover - run by hand, see the module docstring

@@ -97,7 +97,7 @@ def test_kill_after_rule_commit_redelivery_raises_nothing_new(
     got = kinds(db)
     assert sorted((k[0], k[1]) for k in got) == [
         ("event", "L1/rule/door_fault"),
-        ("maintenance_request", "L1/door_fault/20260921T141320.000Z"),
+        ("maintenance_request", "L1/door_fault/20260921T141320.000000Z"),
     ]
     assert all(n == 1 for n in got.values())
     loaded = [e for e in _events(agent.log_text()) if e.get("event") == "rules_loaded"]

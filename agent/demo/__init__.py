@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import orjson
 
-from agent.demo.building import Cmms, ModbusPlant, MqttFeed
+from agent.demo.building import Cmms, ModbusPlant, MqttFeed, observation_key
 from agent.demo.procs import Processes, find_mosquitto
 
 TOKEN = "demo-upstream-token"  # noqa: S105 - a throwaway token for a loopback-only demo
@@ -405,7 +405,6 @@ class Demo:
     async def _check(self, feed: MqttFeed, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
         records = await self._fetch_all()
         status = await self._agent_status() or {"sources": {}}
-        ids = {r["id"] for r in records}
         latest: dict[str, dict[str, Any]] = {}
         per: dict[str, dict[str, int]] = {}
         for r in sorted(records, key=lambda r: r.get("seq", 0)):
@@ -414,7 +413,12 @@ class Demo:
             per[src][r["entity_type"]] += 1
             if src == "cmms":
                 latest[f"{r['entity_type']}:{r['remote_id']}"] = r["data"]
-        mqtt_missing = [d for i, d in feed.expected.items() if i not in ids]
+        seen = {
+            observation_key(r["remote_id"], r["observed_at"])
+            for r in records
+            if r["source"]["name"] == feed.source
+        }
+        mqtt_missing = sorted(feed.expected - seen)
         sql_stale = [
             k
             for k, want in rows.items()

@@ -21,7 +21,7 @@ import orjson
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from agent.records import NS, format_time
+from agent.records import format_observed
 
 LIFT_UNIT = 1
 METER_UNIT = 2
@@ -106,11 +106,16 @@ class ModbusPlant:
         await self.server.async_setValues(METER_UNIT, HOLDING, 0, meter)
 
 
+def observation_key(remote_id: str, observed_at: str) -> str:
+    """How the demo names one observation of one point: ``<remote_id>@<observed_at>``."""
+    return f"{remote_id}@{observed_at}"
+
+
 @dataclass
 class MqttFeed:
     """IoT sensors publishing JSON telemetry (QoS 1) to the demo's broker.
 
-    Every good message's record id is known in advance (source, point, time), so the demo
+    Every good message's observation is known in advance (point and time), so the demo
     can check each one reached the upstream. One malformed message in ``bad_every`` shows
     quarantine at work.
     """
@@ -119,18 +124,15 @@ class MqttFeed:
     source: str
     rng: random.Random
     bad_every: int = 40
-    expected: dict[str, str] = field(default_factory=dict)  # record id -> description
+    expected: set[str] = field(default_factory=set)  # "<remote_id>@<observed_at>"
     published: int = 0
     malformed: int = 0
     _last_ms: int = 0
 
     def expect(self, point_id: str, ts_ms: int) -> None:
-        """Remember the record id the agent must deliver for this sample."""
-        import uuid  # noqa: PLC0415
-
-        at = format_time(datetime.fromtimestamp(ts_ms / 1000, UTC))
-        rid = str(uuid.uuid5(NS, f"{self.source}:{point_id}:{at}"))
-        self.expected[rid] = f"{point_id}@{at}"
+        """Remember the observation the agent must deliver for this sample."""
+        at = format_observed(datetime.fromtimestamp(ts_ms / 1000, UTC))
+        self.expected.add(observation_key(point_id, at))
 
     async def run(self, stop: asyncio.Event, period: float = 0.25) -> None:
         """Publish until ``stop`` is set."""

@@ -10,20 +10,22 @@ What is not persisted: sliding windows of ``rate`` rules and the last-seen times
 
 Times: rule changes caused by a record happen at the record's ``observed_at``; changes
 caused by the timer (stale data, ``for`` delays, a window sliding) at the tick's time.
-Ids are deterministic: a rule event's id derives from (source, asset, rule, time) and a
-request's ``remote_id`` from (asset, rule, raise time), so a redelivered message gives
-the same records.
+Ids are deterministic: a rule event is one observation (its id covers source, asset,
+rule, time to the microsecond and the event's fields, see
+:meth:`agent.records.Record.reading`) and a request's ``remote_id`` derives from (asset,
+rule, raise time to the microsecond), so a redelivered message gives the same records and
+two transitions never share an id.
 """
 
 from __future__ import annotations
 
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from agent.outbox import Cursor
-from agent.records import EntityType, Record, SourceRef, format_time
+from agent.records import EntityType, Record, SourceRef, format_observed
 from agent.rules.config import RuleConfig
 
 CURSOR_PREFIX = "rules/"
@@ -51,10 +53,6 @@ def _number(value: Any) -> float | None:
 
 def _dt(at: float) -> datetime:
     return datetime.fromtimestamp(at, UTC)
-
-
-def _compact(at: float) -> str:
-    return _dt(at).strftime("%Y%m%dT%H%M%S.") + f"{_dt(at).microsecond // 1000:03d}Z"
 
 
 @dataclass
@@ -325,7 +323,7 @@ class RuleEngine:
             if still_open:
                 ev.counts["request_held"] += 1
             else:
-                st.request = f"{asset}/{rule.name}/{_compact(at)}"
+                st.request = _request_id(asset, rule.name, at, st.request)
                 new_request = self._request(on, at, value)
                 ev.counts["requests"] += 1
         elif st.request is not None:
@@ -360,8 +358,8 @@ class RuleEngine:
             "severity": rule.severity if state == "raised" else "none",
             "text": rule.message.format_map(self._fields(rule, asset, value)),
             "value": value,
-            "raised_at": format_time(_dt(st.raised_at)),
-            "cleared_at": None if st.cleared_at is None else format_time(_dt(st.cleared_at)),
+            "raised_at": format_observed(_dt(st.raised_at)),
+            "cleared_at": None if st.cleared_at is None else format_observed(_dt(st.cleared_at)),
             "maintenance_request_remote_id": st.request,
         }
         return Record.reading(ref, EntityType.EVENT, f"{asset}/rule/{rule.name}", _dt(at), data)
@@ -383,7 +381,7 @@ class RuleEngine:
             "rule": rule.name,
             "code": rule.code or rule.name,
             "severity": rule.severity,
-            "raised_at": format_time(_dt(at)),
+            "raised_at": format_observed(_dt(at)),
             "trigger": {"point": rule.point, "value": value},
         }
         when = _dt(at)
@@ -395,6 +393,28 @@ class RuleEngine:
             source_modified_at=when,
             observed_at=when,
         )
+
+
+_COMPACT = "%Y%m%dT%H%M%S.%fZ"
+
+
+def _request_id(asset: str, rule: str, at: float, previous: str | None) -> str:
+    """A new request's ``remote_id``: ``<asset>/<rule>/<raise time>``.
+
+    The time in it is moved 1 µs past the previous request's when it is not later (raise,
+    clear, raise in one instant with ``hold = 0``; input out of time order), so the
+    times in a rule's request ids only grow and two requests never share an id. The
+    request's ``raised_at`` stays the true raise time.
+    """
+    when = _dt(at)
+    if previous is not None:
+        try:
+            last = datetime.strptime(previous.rsplit("/", 1)[-1], _COMPACT).replace(tzinfo=UTC)
+        except ValueError:  # not one of ours (a request id of another version)
+            last = None
+        if last is not None and when <= last:
+            when = last + timedelta(microseconds=1)
+    return f"{asset}/{rule}/{when.strftime('%Y%m%dT%H%M%S.')}{when.microsecond:06d}Z"
 
 
 def _or(value: float | None, default: float) -> float:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import random
@@ -35,7 +36,9 @@ from typing import Any
 
 import httpx
 
-from agent.records import EntityType, Record, SourceRef
+from agent.records import SourceRef
+from agent.sources.mqtt import MqttConfig
+from agent.sources.mqtt.mapping import Mapper
 from tests.agent_process import toml_dumps
 from tests.helpers import waiting
 from tests.helpers.mqttpub import Publisher
@@ -376,10 +379,23 @@ def mqtt_source(port: int, client_id: str, topic: str = "rel/{asset}/v") -> dict
 MQTT_REF = SourceRef("plant", "mqtt", SITE)
 
 
-def reading_id(asset: str, ts: float, ref: SourceRef = MQTT_REF) -> str:
-    """The deterministic id the agent gives the reading of message (asset, ts)."""
-    at = datetime.fromtimestamp(ts, UTC)
-    return Record.reading(ref, EntityType.METER_READING, f"{asset}/v", at, {}).id
+@functools.lru_cache(maxsize=8)
+def _mapper(ref: SourceRef, source: str) -> Mapper:
+    return Mapper(ref, MqttConfig.model_validate(json.loads(source)))
+
+
+def reading_id(
+    asset: str, ts: float, ref: SourceRef = MQTT_REF, source: dict[str, Any] | None = None
+) -> str:
+    """The deterministic id the agent gives the reading of message (asset, ts), i.e. of
+    ``message(ts - T0)``, under the MQTT ``source`` config (default :func:`mqtt_source`):
+    mapped by the agent's own mapper, since the id covers the value too."""
+    got, topic, payload = message(int(ts - T0))
+    assert got == asset, f"message at {ts} is of {got}, not {asset}"
+    config = json.dumps(source or mqtt_source(1883, "ids"), sort_keys=True)
+    now = datetime.now(UTC)  # not used: the message carries its time
+    (record,) = _mapper(ref, config).map(topic, payload.encode(), now).records
+    return record.id
 
 
 T0 = 1_800_000_000  # payload timestamps: T0 + sequence number (seconds)

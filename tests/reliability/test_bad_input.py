@@ -95,7 +95,7 @@ def test_mapper_gives_each_bad_payload_its_reason(path: Path) -> None:
     # Good input beside it still maps (the mapper keeps no poisoned state).
     asset, topic, payload = message(1)
     good = mapper.map(topic, payload.encode(), now)
-    assert [r.id for r in good.records] == [reading_id(asset, T0 + 1, mapper.ref)]
+    assert [r.id for r in good.records] == [reading_id(asset, T0 + 1, mapper.ref, corpus_source())]
 
 
 @pytest.mark.slow
@@ -110,7 +110,10 @@ def test_corpus_through_the_daemon(tmp_path: Path, mosquitto: Mosquitto) -> None
                 pub.publish(message(n)[1], message(n)[2])  # good, beside each bad one
                 pub.publish(f"rel/BAD{n:03d}/v", path.read_bytes())
             pub.publish(message(len(CORPUS))[1], message(len(CORPUS))[2])
-        good = {reading_id(message(n)[0], T0 + n) for n in range(len(CORPUS) + 1)}
+        good = {
+            reading_id(message(n)[0], T0 + n, source=corpus_source())
+            for n in range(len(CORPUS) + 1)
+        }
         wait_until(lambda: good <= rx.ids(), "every good message at the receiver")
         quarantined = {
             json.loads(ctx)["topic"]: reason

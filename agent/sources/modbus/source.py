@@ -1,17 +1,22 @@
-"""The Modbus source: poll workers in, ``meter_reading`` and ``event`` records out."""
+"""The Modbus source: poll workers in, ``meter_reading`` and ``event`` records out.
+
+A poll is observed at the time it started, to the microsecond and strictly increasing
+per source (an :class:`~agent.records.ArrivalClock`: two polls never share a time,
+however the line is shared); each record's id covers its point, that time and what was
+read (see :meth:`agent.records.Record.reading`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import structlog
 
 from agent.outbox import Quarantined
 from agent.rbe import RbeFilter, ReportByException
-from agent.records import EntityType, Record, format_time
+from agent.records import STATUS_CLOCK, ArrivalClock, EntityType, Record, format_observed
 from agent.sources.base import Output, Source, SourceContext
 from agent.sources.modbus.codec import DecodeError, decode_registers, scaled
 from agent.sources.modbus.config import ModbusConfig, PointConfig
@@ -38,6 +43,7 @@ class ModbusSource(Source):
         self._out: Output | None = None
         self._bad_points: set[str] = set()
         self._last_code: dict[str, int] = {}
+        self._clock = ArrivalClock()
 
     async def run(self, out: Output) -> None:
         """Run one worker per connection that has devices, until cancelled."""
@@ -72,6 +78,7 @@ class ModbusSource(Source):
     async def _emit(self, poll: Poll) -> None:
         records: list[Record] = []
         bad: list[Quarantined] = []
+        poll.observed_at = self._clock.stamp(poll.observed_at)
         for request, data in poll.answers:
             for point in request.points:
                 record = self._point_record(poll, request, point, data, bad)
@@ -123,8 +130,9 @@ class ModbusSource(Source):
         }
         remote = {"unit_id": poll.device.config.unit_id, "table": point.table, "raw": raw}
         return Record.reading(
-            self.ref, EntityType.METER_READING, key, poll.observed_at, data, remote_data=remote
-        )
+            self.ref, EntityType.METER_READING, key, poll.observed_at, data, remote_data=remote,
+            stamped=self._clock.era,
+        )  # fmt: skip
 
     def _event(self, poll: Poll, point: PointConfig, key: str, raw: Any) -> Record | None:
         code = int(raw)
@@ -147,7 +155,9 @@ class ModbusSource(Source):
             "severity": entry.severity if entry else point.unknown_severity,
             "previous_raw_code": previous,
         }
-        return Record.reading(self.ref, EntityType.EVENT, key, poll.observed_at, data)
+        return Record.reading(
+            self.ref, EntityType.EVENT, key, poll.observed_at, data, stamped=self._clock.era
+        )
 
     def _quarantine(
         self, poll: Poll, request: Request, point: PointConfig, reason: str, raw: Any
@@ -177,7 +187,8 @@ class ModbusSource(Source):
                 "reason": reason,
                 "device": device.name,
                 "asset_remote_id": device.config.asset,
-                "changed_at": format_time(datetime.now(UTC)),
+                # strictly increasing microseconds: two changes never share a content
+                "changed_at": format_observed(STATUS_CLOCK.stamp()),
             },
         )
         await self._out.append([record])

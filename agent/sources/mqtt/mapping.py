@@ -6,6 +6,11 @@ quarantine entry naming what was wrong with it. Message-level problems (too larg
 UTF-8, not JSON, bad timestamp, undecodable Sparkplug) yield no records; a problem with
 one point (missing path, wrong type) skips that point only and quarantines the message
 with the reason, so the good points of the same message still flow.
+
+Observation identity: a reading's id covers its point, its time and its content (see
+:meth:`agent.records.Record.reading`). A message without a time of its own is observed
+at its arrival, stamped by the mapper's :class:`~agent.records.ArrivalClock` (strictly
+increasing microseconds), so two equal values never share a stamp.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import structlog
 from agent.codes import translate
 from agent.outbox import Cursor, Quarantined
 from agent.rbe import RbeFilter, ReportByException
-from agent.records import EntityType, Record, SourceRef, format_time
+from agent.records import ArrivalClock, EntityType, Record, SourceRef, format_observed
 from agent.sources.mqtt import sparkplug
 from agent.sources.mqtt.config import MqttConfig, PointConfig, SubscriptionConfig
 
@@ -185,11 +190,11 @@ def _text(doc: Any, path: str | None) -> str | None:
 
 
 def _time_text(text: str | None) -> str | None:
-    """RFC 3339 text normalized to UTC milliseconds; other text kept as it is."""
+    """RFC 3339 text normalized to UTC microseconds; other text kept as it is."""
     if text is None:
         return None
     try:
-        return format_time(parse_time(text, "rfc3339"))
+        return format_observed(parse_time(text, "rfc3339"))
     except BadInput:
         return text
 
@@ -258,6 +263,7 @@ class _Sample:
     value: Any
     quality: str | None
     at: datetime
+    stamped: int | None  # None: ``at`` is the source's time; else the arrival stamp's era
 
 
 class Mapper:
@@ -268,6 +274,7 @@ class Mapper:
         self.config = config
         self.subs = [(s, s.topic.split("/")) for s in config.subscriptions]
         self.rbe = RbeFilter()
+        self.clock = ArrivalClock()
         self.counters: Counter[str] = Counter()
         self.aliases: dict[str, dict[int, str]] = {}
         self.seq: dict[str, int] = {}
@@ -280,12 +287,18 @@ class Mapper:
         self.rbe = RbeFilter()
 
     def map(self, topic: str, payload: bytes, received_at: datetime) -> Outcome:
-        """Map one message; never raises for bad input (it is quarantined instead)."""
+        """Map one message; never raises for bad input (it is quarantined instead).
+
+        ``received_at`` (timezone-aware) is when it arrived; messages are mapped in
+        arrival order, and a time not later than the previous message's becomes 1 µs
+        after it (see :class:`~agent.records.ArrivalClock`).
+        """
         route = self.route(topic)
         if route is None:
             self.counters["unmatched_topic"] += 1
             return Outcome()
         sub, named = route
+        received_at = self.clock.stamp(received_at)
         try:
             if len(payload) > self.config.max_payload_bytes:
                 raise BadInput(
@@ -343,10 +356,11 @@ class Mapper:
         payload: bytes,
         received_at: datetime,
     ) -> Outcome:
+        stamped: int | None = None
         if sub.format == "value":
             point = sub.points[0] if sub.points else PointConfig(name=topic.rsplit("/", 1)[-1])
             raw: Any = _utf8(payload).strip()
-            at = received_at
+            at, stamped = received_at, self.clock.era
             samples: list[tuple[PointConfig, Any, str | None]] = [(point, raw, None)]
         else:
             try:
@@ -354,9 +368,10 @@ class Mapper:
             except orjson.JSONDecodeError as exc:
                 _utf8(payload)  # invalid UTF-8 is its own reason
                 raise BadInput("invalid_json", f"payload is not JSON: {exc}") from None
-            at = self._timestamp(sub, doc, received_at)
+            own = self._timestamp(sub, doc)
+            at, stamped = (received_at, self.clock.era) if own is None else (own, None)
             if sub.format == "tag_scan":
-                return self._tag_scan(sub, topic, named, doc, at)
+                return self._tag_scan(sub, topic, named, doc, (at, stamped))
             if sub.format == "inspection":
                 return self._inspection(sub, topic, named, doc, at)
             samples = [(p, lookup(doc, p.path or ""), self._quality(doc, p)) for p in sub.points]
@@ -371,7 +386,7 @@ class Mapper:
                 problems.append(("missing_path", f"point {point.name}: no value at {point.path}"))
                 continue
             try:
-                good.append(_Sample(point, convert(raw, point), quality, at))
+                good.append(_Sample(point, convert(raw, point), quality, at, stamped))
             except BadInput as exc:
                 problems.append((exc.reason, f"point {point.name}: {exc.detail}"))
         self._emit(sub, topic, named, good, out)
@@ -379,13 +394,14 @@ class Mapper:
             out.quarantine = self._bad(topic, payload, problems)
         return out
 
-    def _timestamp(self, sub: SubscriptionConfig, doc: Any, received_at: datetime) -> datetime:
+    def _timestamp(self, sub: SubscriptionConfig, doc: Any) -> datetime | None:
+        """The message's own time; None when it has none (it is observed on arrival)."""
         if sub.timestamp_path is None:
-            return received_at
+            return None
         raw = lookup(doc, sub.timestamp_path)
         if raw is _MISSING or raw is None:
             self.counters["timestamp_fallback"] += 1
-            return received_at
+            return None
         return parse_time(raw, sub.timestamp_format)
 
     @staticmethod
@@ -459,12 +475,17 @@ class Mapper:
                 data["unit"] = s.point.unit
             data["quality"] = s.quality
             data["topic"] = topic
-            out.records.append(Record.reading(ref, entity, point_id, s.at, data))
+            out.records.append(Record.reading(ref, entity, point_id, s.at, data, stamped=s.stamped))
 
     # ------------------------------------------------------------------ tag scans, inspections
 
     def _tag_scan(
-        self, sub: SubscriptionConfig, topic: str, named: dict[str, str], doc: Any, at: datetime
+        self,
+        sub: SubscriptionConfig,
+        topic: str,
+        named: dict[str, str],
+        doc: Any,
+        when: tuple[datetime, int | None],
     ) -> Outcome:
         ts = sub.tag_scan
         assert ts is not None
@@ -497,7 +518,9 @@ class Mapper:
             "topic": topic,
         }
         point_id = f"tag_scan/{reader or topic}/{tag}"
-        return Outcome(records=[Record.reading(target.ref, EntityType.EVENT, point_id, at, data)])
+        at, stamped = when
+        record = Record.reading(target.ref, EntityType.EVENT, point_id, at, data, stamped=stamped)
+        return Outcome(records=[record])
 
     def _inspection(
         self, sub: SubscriptionConfig, topic: str, named: dict[str, str], doc: Any, at: datetime
@@ -520,7 +543,7 @@ class Mapper:
             "checklist": _text(doc, "checklist"),
             "inspector": _text(doc, "inspector"),
             "started_at": _time_text(_text(doc, "started_at")),
-            "completed_at": format_time(at),
+            "completed_at": format_observed(at),
             "result": result.lower(),
             "items": items,
             "failed_items": failed,
@@ -623,12 +646,15 @@ class Mapper:
                 out.skipped += 1
                 continue
             ms = m.timestamp if m.timestamp is not None else decoded.timestamp
-            at = datetime.fromtimestamp(ms / 1000, UTC) if ms is not None else received_at
+            if ms is not None:
+                at, stamped = datetime.fromtimestamp(ms / 1000, UTC), None
+            else:
+                at, stamped = received_at, self.clock.era
             if m.is_null:
-                good.append(_Sample(point, None, "bad", at))
+                good.append(_Sample(point, None, "bad", at, stamped))
                 continue
             try:
-                good.append(_Sample(point, convert(m.value, point), "good", at))
+                good.append(_Sample(point, convert(m.value, point), "good", at, stamped))
             except BadInput as exc:
                 problems.append((exc.reason, f"metric {name}: {exc.detail}"))
         self._emit(sub, topic, named, good, out)

@@ -6,7 +6,9 @@ the records (and quarantine entries) it produced. Messages that arrive during on
 are mapped and committed together in the next append, then acknowledged in arrival order
 (MQTT requires PUBACKs in the order the PUBLISHes came).
 A crash before the PUBACK makes the broker redeliver from the persistent session; the
-deterministic record ids make that redelivery a duplicate the upstream drops.
+deterministic record ids make that redelivery a duplicate the upstream drops (a message
+without a timestamp of its own is observed at its arrival, so its redelivery is a second
+observation: a record more, never one lost).
 
 aiomqtt 2.x has no manual-ack option yet (empicano/aiomqtt#345, PR #346), so the paho
 client underneath (``client._client``) is used for ``manual_ack_set`` and ``ack``, and
