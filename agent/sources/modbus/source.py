@@ -4,6 +4,8 @@ A poll is observed at the time it started, to the microsecond and strictly incre
 per source (an :class:`~agent.records.ArrivalClock`: two polls never share a time,
 however the line is shared); each record's id covers its point, that time and what was
 read (see :meth:`agent.records.Record.reading`).
+Report-by-exception state is per point and stands only once the poll's records are
+stored: a failed append rolls back that poll's points.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any, ClassVar
 import structlog
 
 from agent.outbox import Quarantined
-from agent.rbe import RbeFilter, ReportByException
+from agent.rbe import RbeFilter, RbeUndo, ReportByException
 from agent.records import STATUS_CLOCK, ArrivalClock, EntityType, Record, format_observed
 from agent.sources.base import Output, Source, SourceContext
 from agent.sources.modbus.codec import DecodeError, decode_registers, scaled
@@ -42,7 +44,6 @@ class ModbusSource(Source):
         self.counters: Counter[str] = Counter()
         self._out: Output | None = None
         self._bad_points: set[str] = set()
-        self._last_code: dict[str, int] = {}
         self._clock = ArrivalClock()
 
     async def run(self, out: Output) -> None:
@@ -78,17 +79,24 @@ class ModbusSource(Source):
     async def _emit(self, poll: Poll) -> None:
         records: list[Record] = []
         bad: list[Quarantined] = []
+        undo = RbeUndo()
         poll.observed_at = self._clock.stamp(poll.observed_at)
         for request, data in poll.answers:
             for point in request.points:
-                record = self._point_record(poll, request, point, data, bad)
+                record = self._point_record(poll, request, point, data, bad, undo=undo)
                 if record is not None:
                     records.append(record)
         for request, reason in poll.invalid:
             bad += [self._quarantine(poll, request, p, reason, None) for p in request.points]
         if records or bad:
             assert self._out is not None
-            await self._out.append(records, quarantine=bad)
+            try:
+                await self._out.append(records, quarantine=bad)
+            except BaseException:
+                # Not stored (or not known to be): the next poll must report these
+                # points again, not take them as reported.
+                self.rbe.rollback(undo)
+                raise
             self.counters["records"] += len(records)
 
     def _point_record(
@@ -98,6 +106,8 @@ class ModbusSource(Source):
         point: PointConfig,
         data: list[int] | list[bool],
         bad: list[Quarantined],
+        *,
+        undo: RbeUndo,
     ) -> Record | None:
         key = f"{poll.device.name}.{point.name}"
         offset = request.offset(point)
@@ -112,12 +122,15 @@ class ModbusSource(Source):
             return None
         self._bad_points.discard(key)
         if point.kind == "reading":
-            return self._reading(poll, point, key, raw)
-        return self._event(poll, point, key, raw)
+            return self._reading(poll, point, key, raw, undo)
+        return self._event(poll, point, key, raw, undo)
 
-    def _reading(self, poll: Poll, point: PointConfig, key: str, raw: Any) -> Record | None:
+    def _reading(
+        self, poll: Poll, point: PointConfig, key: str, raw: Any, undo: RbeUndo
+    ) -> Record | None:
         value = scaled(point, raw)
-        if not self.rbe.check(key, value, poll.observed_at.timestamp(), point.rbe, "good"):
+        at = poll.observed_at.timestamp()
+        if not self.rbe.check(key, value, at, point.rbe, "good", undo):
             return None
         self.counters["readings"] += 1
         data: dict[str, Any] = {
@@ -134,12 +147,14 @@ class ModbusSource(Source):
             stamped=self._clock.era,
         )  # fmt: skip
 
-    def _event(self, poll: Poll, point: PointConfig, key: str, raw: Any) -> Record | None:
+    def _event(
+        self, poll: Poll, point: PointConfig, key: str, raw: Any, undo: RbeUndo
+    ) -> Record | None:
         code = int(raw)
-        if not self.rbe.check(key, code, poll.observed_at.timestamp(), point.rbe or ON_CHANGE):
+        previous = self.rbe.last_value(key)  # the code last reported (and rolled back with it)
+        at = poll.observed_at.timestamp()
+        if not self.rbe.check(key, code, at, point.rbe or ON_CHANGE, None, undo):
             return None
-        previous = self._last_code.get(key)
-        self._last_code[key] = code
         self.counters["events"] += 1
         entry = point.codes.get(str(code))
         if entry is None:

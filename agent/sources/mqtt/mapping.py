@@ -27,7 +27,7 @@ import structlog
 
 from agent.codes import translate
 from agent.outbox import Cursor, Quarantined
-from agent.rbe import RbeFilter, ReportByException
+from agent.rbe import RbeFilter, RbeUndo, ReportByException
 from agent.records import ArrivalClock, EntityType, Record, SourceRef, format_observed
 from agent.sources.mqtt import sparkplug
 from agent.sources.mqtt.config import MqttConfig, PointConfig, SubscriptionConfig
@@ -110,6 +110,9 @@ _TRUE = {"true", "on", "1", "yes"}
 _FALSE = {"false", "off", "0", "no"}
 
 
+_INT64 = (-(2**63), 2**64 - 1)  # what a record can carry (orjson: int64 and uint64)
+
+
 def _number(value: Any) -> float | int:
     number: float | int
     if isinstance(value, bool) or not isinstance(value, int | float | str):
@@ -123,6 +126,8 @@ def _number(value: Any) -> float | int:
         number = value
     if isinstance(number, float) and not math.isfinite(number):
         raise BadInput("wrong_type", "value is not a finite number")
+    if isinstance(number, int) and not _INT64[0] <= number <= _INT64[1]:
+        raise BadInput("wrong_type", f"integer {str(number)[:40]} is out of the 64-bit range")
     return number
 
 
@@ -153,6 +158,8 @@ def convert(value: Any, point: PointConfig) -> Any:
         number = int(number)
     if point.scale != 1.0 or point.offset != 0.0:
         scaled = number * point.scale + point.offset
+        if not math.isfinite(scaled):
+            raise BadInput("wrong_type", f"{number} scaled by {point.scale} is not finite")
         return int(scaled) if kind == "int" and float(scaled).is_integer() else scaled
     return float(number) if kind == "float" else number
 
@@ -267,13 +274,18 @@ class _Sample:
 
 
 class Mapper:
-    """Maps messages of one MQTT source to records, with per-point RBE state."""
+    """Maps messages of one MQTT source to records, with per-point RBE state.
+
+    ``rbe_undo``, when set (by the source, per batch), records what RBE learnt from the
+    messages mapped, so that it can be rolled back if their records are not stored.
+    """
 
     def __init__(self, ref: SourceRef, config: MqttConfig) -> None:
         self.ref = ref
         self.config = config
         self.subs = [(s, s.topic.split("/")) for s in config.subscriptions]
         self.rbe = RbeFilter()
+        self.rbe_undo: RbeUndo | None = None
         self.clock = ArrivalClock()
         self.counters: Counter[str] = Counter()
         self.aliases: dict[str, dict[int, str]] = {}
@@ -281,10 +293,6 @@ class Mapper:
         self.sequence_gaps = 0
         self._targets: dict[str, _Target] = {}
         self._routes: dict[str, tuple[SubscriptionConfig, dict[str, str]] | None] = {}
-
-    def reset_rbe(self) -> None:
-        """Forget what was reported (after a failed commit: report again, never less)."""
-        self.rbe = RbeFilter()
 
     def map(self, topic: str, payload: bytes, received_at: datetime) -> Outcome:
         """Map one message; never raises for bad input (it is quarantined instead).
@@ -458,7 +466,7 @@ class Mapper:
             point_id = self._point_id(sub, target, s.point.name)
             rbe: ReportByException | None = s.point.rbe or sub.rbe
             if rbe is not None and not self.rbe.check(
-                point_id, s.value, s.at.timestamp(), rbe, s.quality
+                point_id, s.value, s.at.timestamp(), rbe, s.quality, self.rbe_undo
             ):
                 out.suppressed += 1
                 continue

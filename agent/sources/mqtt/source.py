@@ -43,6 +43,7 @@ from agent.backoff import Backoff
 from agent.configtypes import secret_value
 from agent.errors import OutboxWriteError
 from agent.outbox import Cursor, Quarantined
+from agent.rbe import RbeUndo
 from agent.records import Record
 from agent.sources.base import Output, Source, SourceConfig, SourceContext
 from agent.sources.mqtt.config import MqttConfig
@@ -213,8 +214,7 @@ class MqttSource(Source):
                 self._failed(exc, "connection")
             except OutboxWriteError as exc:
                 # Nothing of the batch was stored nor acknowledged: reconnect, and the
-                # broker redelivers it. RBE must report again what it thought it had.
-                self.mapper.reset_rbe()
+                # broker redelivers it (RBE was rolled back when the session ended).
                 self._failed(exc, "outbox")
             finally:
                 self.connected = False
@@ -284,11 +284,14 @@ class MqttSource(Source):
                 await self._connected(client, pipe, out)
         finally:
             pipe.closed = True
-            if pipe.committing:
+            undo = self.mapper.rbe_undo
+            if pipe.committing and undo is not None:
                 # A batch was mapped (RBE learnt from it) but not acknowledged: the broker
                 # redelivers it, and RBE must not suppress the redelivery. Batches still
-                # waiting were never mapped and taught RBE nothing.
-                self.mapper.reset_rbe()
+                # waiting were never mapped and taught RBE nothing; other points keep
+                # their state.
+                self.mapper.rbe.rollback(undo)
+            self.mapper.rbe_undo = None
 
     async def _connected(self, client: aiomqtt.Client, pipe: _Pipe, out: Output) -> None:
         tasks.raise_if_cancelling()  # the connect may have swallowed a stop
@@ -511,12 +514,16 @@ class MqttSource(Source):
     ) -> None:
         if not isinstance(payload, bytes):
             payload = bytes(payload)
+        undo = self.mapper.rbe_undo
+        mark = undo.mark() if undo is not None else (0, 0)
         try:
             outcome = self._map_message(topic, payload, now)
         except Exception as exc:  # a bug: its message is quarantined, the session goes on
             # RBE may have taken values of this message as reported before the failure;
-            # none of them is stored, so none may suppress a later equal value
-            self.mapper.reset_rbe()
+            # none of them is stored, so none may suppress a later equal value. Only
+            # this message's points go back: the others' state is right.
+            if undo is not None:
+                self.mapper.rbe.rollback(undo, mark)
             shown = topic.decode("utf-8", "replace")
             log.exception("mqtt_mapping_failed", source=self.name, topic=shown)
             outcome = Outcome(
@@ -553,10 +560,12 @@ class MqttSource(Source):
                 continue
             batch = pipe.batches.popleft()
             pipe.committing = True  # from here RBE and aliases learn from the batch
+            self.mapper.rbe_undo = RbeUndo()
             await self._map_batch(batch)
             if batch.records or batch.bad or batch.cursor:
                 await out.append(batch.records, batch.cursor, quarantine=batch.bad)
             pipe.committing = False
+            self.mapper.rbe_undo = None  # stored: what RBE learnt from it stands
             pipe.held -= batch.held
             pipe.held_messages -= len(batch.acks)
             self.counters["records"] += len(batch.records)
