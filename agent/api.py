@@ -15,6 +15,7 @@ import hmac
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -134,6 +135,7 @@ class AgentCollector(Collector):
         yield c
         yield from self._sources(s.get("sources", {}))
         yield from self._devices(s.get("sources", {}))
+        yield from self._reconciliation(s.get("sources", {}))
         yield from self._upstream(s.get("upstream", {}))
         yield GaugeMetricFamily(
             "edge_agent_uptime_seconds", "Seconds since start", value=s.get("uptime_seconds", 0)
@@ -189,6 +191,36 @@ class AgentCollector(Collector):
                 failures.add_metric(key, d.get("failures", 0))
                 overruns.add_metric(key, d.get("overruns", 0))
         yield from (up, polls, failures, overruns)
+
+    @staticmethod
+    def _reconciliation(sources: dict[str, Any]) -> Iterator[Metric]:
+        """Per SQL entity: rows compared, drifts (changes no feed saw) and hard deletes
+        found by content reconciliation since its key set began, and its last pass."""
+        labels = ["source", "entity"]
+        families = {
+            key: CounterMetricFamily(f"edge_agent_sql_reconcile_{key}", text, labels=labels)
+            for key, text in (
+                ("rows", "Rows compared by reconciliation"),
+                ("drifts", "Rows that differed from what the upstream held (a feed missed them)"),
+                ("deletes", "Hard deletes found by reconciliation"),
+            )
+        }
+        last = GaugeMetricFamily(
+            "edge_agent_sql_last_reconcile_timestamp_seconds",
+            "End of the last complete reconciliation pass (Unix time)",
+            labels=labels,
+        )
+        for name, st in sources.items():
+            for entity, e in (st.get("entities") or {}).items():
+                rec = e.get("reconcile") if isinstance(e, dict) else None
+                if not isinstance(rec, dict) or not rec.get("enabled"):
+                    continue
+                for key, family in families.items():
+                    family.add_metric([name, entity], (rec.get("totals") or {}).get(key, 0))
+                at = rec.get("last_reconcile_at")
+                if at:
+                    last.add_metric([name, entity], datetime.fromisoformat(at).timestamp())
+        yield from (*families.values(), last)
 
     @staticmethod
     def _upstream(up: dict[str, Any]) -> Iterator[Metric]:

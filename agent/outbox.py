@@ -47,6 +47,7 @@ import orjson
 import structlog
 from pydantic import Field
 
+from agent import outbox_keys
 from agent.configtypes import ByteSize, PositiveDuration, Section
 from agent.errors import OutboxWriteError
 from agent.records import (
@@ -119,7 +120,7 @@ CREATE TABLE IF NOT EXISTS totals (
     bytes INTEGER NOT NULL
 ) WITHOUT ROWID;
 INSERT OR IGNORE INTO totals VALUES ('business', 0, 0), ('reading', 0, 0);
-"""
+""" + outbox_keys.SCHEMA
 
 # Inserts a whole group in ONE statement: the rows' columns as a JSON array (?1) and
 # their bodies concatenated in one blob (?2), cut back apart with substr(). executemany
@@ -203,6 +204,39 @@ class Cursor:
     source: str
     key: str
     value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class KeyMarks(Cursor):
+    """Changes to a source's key set (agent.outbox_keys), committed like a cursor.
+
+    Passed among an append's cursors, so every wrapper of the outbox carries it unchanged;
+    the writer applies it to ``source_keys`` instead of the ``cursors`` table, in the
+    same transaction as the records it describes. ``key`` names the scope (a SQL
+    source's entity); ``value`` is unused.
+    """
+
+    entity_type: str = ""
+    """The unified type of the scope's records (matches dead letters to keys)."""
+    mark: int = 0
+    """Stamped on every key written here (the reconciliation pass that saw it)."""
+    versions: Sequence[tuple[str, bool, int | None, bytes | None]] = ()
+    """``(key, live, digest, fields)`` of versions appended, in order (the last wins)."""
+    sent: bool = False
+    """The versions were stored for sure (appended without ``dedupe``): a dead-letter
+    flag of the key is cleared even when the digest did not change."""
+    seen: Sequence[str] = ()
+    """Keys found unchanged: only their mark moves."""
+    forget: Sequence[str] = ()
+    """Keys gone from the source (their ``delete`` is in this append)."""
+    seed: Sequence[str] = ()
+    """Keys known live from an older agent's key list, digest unknown (upgrade)."""
+    resend: Sequence[str] = ()
+    """Keys whose version in this append equals the last one appended and is to be
+    stored anyway (the upstream refused that one): their dedupe state is released
+    before the append's versions are linked, so they chain on as a new version."""
+    layout: tuple[int, Sequence[str]] | None = None
+    """``(tag, field names)`` of the per-field digests in ``versions``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,6 +436,7 @@ class Outbox:
         # run but whose result had not reached the loop yet, and drop a record in flight.)
         self._lease_guard: set[int] = set()
         self._lease_lock = asyncio.Lock()
+        self._scopes = outbox_keys.ScopeCache()  # key-set scope ids (writer thread)
         self._space = asyncio.Event()
         self._data = asyncio.Event()
         self._blocked = 0
@@ -581,7 +616,8 @@ class Outbox:
         """Commit ``records`` (and ``cursor``, and ``quarantine`` entries) durably.
 
         ``cursor`` may be one cursor or several (a source's and the rules engine's, for
-        example); all of them commit in the same transaction as the records.
+        example); all of them commit in the same transaction as the records. A
+        :class:`KeyMarks` among them changes the source's key set instead.
 
         Returns after the transaction holding all of them has committed; only then may the
         caller acknowledge its input. Waits while the outbox is over budget (that wait is
@@ -719,6 +755,7 @@ class Outbox:
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 con.execute("ROLLBACK")
+            self._scopes.clear()  # a scope made in this transaction is gone again
             raise
         return result, tx.delta
 
@@ -730,6 +767,10 @@ class Outbox:
             self._freed()
 
     def _write_group(self, tx: _Tx, group: list[_Pending], leased: AbstractSet[int]) -> None:
+        for item in group:  # versions a source sends again on purpose: not "unchanged"
+            for c in item.cursors:
+                if isinstance(c, KeyMarks) and c.resend:
+                    outbox_keys.release(tx.con, c)
         self._link(tx, group)
         if self.when_full == "drop_oldest":
             incoming = sum(r[5] for item in group for r in item.rows)
@@ -740,7 +781,11 @@ class Outbox:
                 tx.count(cls, n, size)
         for item in group:
             item.result.stored = len(item.rows)
-        cursors = [c for i in group for c in i.cursors]
+        cursors = [c for i in group for c in i.cursors if not isinstance(c, KeyMarks)]
+        for item in group:
+            for c in item.cursors:
+                if isinstance(c, KeyMarks):
+                    outbox_keys.apply(tx.con, self._scopes, c)
         if cursors:
             now = time.time()
             tx.con.executemany(
@@ -898,6 +943,13 @@ class Outbox:
 
     def _reject_tx(self, tx: _Tx, items: Sequence[tuple[int, str]]) -> int:
         payload = orjson.dumps([[s, r] for s, r in items]).decode()
+        if self._has_key_sets(tx):  # the upstream does not have these versions: say so
+            bodies = tx.con.execute(
+                "SELECT body FROM records WHERE class = 'business' AND seq IN "
+                "(SELECT json_extract(value, '$[0]') FROM json_each(?))",
+                (payload,),
+            ).fetchall()
+            outbox_keys.flag_undelivered(tx.con, (b for (b,) in bodies), undelivered=True)
         tx.con.execute(
             "INSERT OR REPLACE INTO dead_letters "
             "SELECT r.seq, r.id, r.entity_id, r.entity_type, r.class, r.created_at, r.size, "
@@ -907,6 +959,10 @@ class Outbox:
         )
         return self._delete_counted(tx, [s for s, _ in items], "dead_lettered")
 
+    @staticmethod
+    def _has_key_sets(tx: _Tx) -> bool:
+        return tx.con.execute("SELECT 1 FROM key_scopes LIMIT 1").fetchone() is not None
+
     def _requeue_tx(self, tx: _Tx, seqs: Sequence[int] | None) -> int:
         where = "" if seqs is None else "WHERE seq IN (SELECT value FROM json_each(?))"
         args: tuple[Any, ...] = () if seqs is None else (_json_list(seqs),)
@@ -914,11 +970,14 @@ class Outbox:
             "INSERT OR IGNORE INTO records "
             "(seq, id, entity_id, entity_type, class, created_at, size, body) "
             "SELECT seq, id, entity_id, entity_type, class, created_at, size, body "
-            f"FROM dead_letters {where} RETURNING class, size",
+            f"FROM dead_letters {where} RETURNING class, size, body",
             args,
         ).fetchall()
-        for cls, size in back:
+        for cls, size, _ in back:
             tx.count(cls, 1, size)
+        if back and self._has_key_sets(tx):
+            business = (b for c, _, b in back if c == RetentionClass.BUSINESS.value)
+            outbox_keys.flag_undelivered(tx.con, business, undelivered=False)
         tx.con.execute(f"DELETE FROM dead_letters {where}", args)
         if back:
             tx.con.execute(_BUMP, ("requeued", len(back)))
@@ -1051,6 +1110,17 @@ class Outbox:
             "SELECT key, value FROM cursors WHERE source = ?", (source,)
         ) as cur:
             return {k: orjson.loads(v) for k, v in await cur.fetchall()}
+
+    def key_set(self, source: str, name: str) -> outbox_keys.KeySet:
+        """Reads of the key set ``name`` of ``source`` (written through :class:`KeyMarks`)."""
+        return outbox_keys.KeySet(self._read_keys, self._scopes, source, name)
+
+    async def _read_keys(self, fn: Any) -> Any:
+        # On the writer thread, like lease(): ordered with commits, sees every one of them.
+        if self._executor is None:
+            raise RuntimeError("outbox is not open")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._read_sync, lambda tx: fn(tx.con))
 
     async def enforce_max_age(self, now: float | None = None) -> int:
         """Drop readings older than ``readings_max_age`` (counted). Returns how many."""

@@ -24,6 +24,7 @@ from agent.records import Record, SourceRef
 from agent.rules.config import RuleConfig, check_unique
 
 if TYPE_CHECKING:
+    from agent.outbox_keys import KeySet
     from agent.rules.engine import RuleEngine
 
 
@@ -105,6 +106,10 @@ class Output(Protocol):
 
     async def cursor(self, source: str, key: str) -> Any | None:
         """The last committed cursor value (None when never set)."""
+        ...
+
+    def key_set(self, source: str, name: str) -> KeySet:
+        """Reads of a source's key set (SQL reconciliation; see agent.outbox_keys)."""
         ...
 
 

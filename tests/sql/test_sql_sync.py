@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import delete, select, update
 
 from agent.outbox import AppendResult, Cursor, Outbox, Quarantined
+from agent.outbox_keys import KeySet
 from agent.records import Record
 from agent.sources.sql import SqlSource
 from agent.sources.sql.sync import SyncState
@@ -57,6 +58,9 @@ class CrashingOutput:
 
     async def cursor(self, source: str, key: str) -> Any | None:
         return await self.box.cursor(source, key)
+
+    def key_set(self, source: str, name: str) -> KeySet:
+        return self.box.key_set(source, name)
 
 
 @pytest.mark.parametrize("after_commit", [False, True])
@@ -250,9 +254,16 @@ def _passed_since(state: SyncState, mark: float) -> Callable[[], bool]:
 
 
 def _caught_up(source: SqlSource, since: float) -> bool:
-    state = source.entities["work_orders"].state
+    """A sync and a whole reconciliation pass, both started after ``since``.
+
+    (A key a feed appends while a pass runs and that is deleted before the pass ends is
+    the next pass's to find: only a pass that began after the changes sees all of them.)
+    """
+    entity = source.entities["work_orders"]
+    last = entity.reconciler.last
     return (
-        state.status == "completed"
-        and (state.last_started_at or 0) > since
-        and (state.last_reconcile_at or 0) > (state.last_started_at or 0)
+        entity.state.status == "completed"
+        and (entity.state.last_started_at or 0) > since
+        and last is not None
+        and (last.started_at or 0) > since
     )

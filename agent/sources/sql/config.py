@@ -288,8 +288,9 @@ class SqlSourceConfig(SourceConfig):
     initial_window: PositiveDuration | None = 90 * 86400.0
     """First sync reads rows changed within this window ("90d"); unset: everything."""
     reconcile_interval: PositiveDuration | None = 86400.0
-    """How often to compare all keys and turn hard deletes into ``delete`` records; unset:
-    never."""
+    """Content reconciliation: within each interval every row is re-read (spread over the
+    interval), compared with what the upstream holds, drifts sent; hard deletes become
+    ``delete`` records. Unset: never (hard deletes are then never found)."""
     chunk_size: int = Field(default=5000, ge=1, le=100_000)
     """Rows per query and per outbox transaction; memory stays flat at any table size."""
     mappings: dict[str, FieldMapping] = Field(default_factory=dict)

@@ -91,7 +91,8 @@ class EntitySpec:
     key_columns: tuple[ColumnElement[Any], ...]
     """Identity columns (in the base table) for reconciliation's key scan."""
     key_select: Select[Any]
-    """``SELECT <identity columns> FROM ... WHERE <profile filters>`` (no order/limit)."""
+    """``SELECT <identity columns> FROM ... WHERE <profile filters>`` (no order/limit).
+    Reconciliation reads whole rows instead (:func:`scan_query`); kept for tools."""
     mapper: Mapper
     remote_id: Callable[[Sequence[Any]], str]
     """Identity column values -> ``remote_id`` (the same the mapper gives)."""
@@ -137,9 +138,18 @@ def chunk_query(feed: Feed, after: Watermark | None, limit: int) -> Select[Any]:
     return sel.order_by(feed.mod, *feed.keys).limit(limit)
 
 
-def key_query(spec: EntitySpec, after: Sequence[Any] | None, limit: int) -> Select[Any]:
-    """The next chunk of identity keys for reconciliation (keyset pagination)."""
-    sel = spec.key_select
+def scan_query(spec: EntitySpec, after: Sequence[Any] | None, limit: int) -> Select[Any]:
+    """The next chunk of whole rows in key order, for reconciliation (keyset pagination).
+
+    The entity's first feed is its base SELECT (every column its mapper reads, the
+    profile's filters); ordered by the identity columns instead of the change column,
+    so every row is read once per pass whatever its change date. Labelled like a feed's
+    rows (``_m``, ``_k0``...), so mapping and ``remote_data`` come out the same.
+    """
+    base = spec.feeds[0]
+    sel = base.select.add_columns(
+        base.mod.label(MOD), *(k.label(key_label(i)) for i, k in enumerate(spec.key_columns))
+    )
     if after is not None:
         sel = sel.where(keys_after(spec.key_columns, after))
     return sel.order_by(*spec.key_columns).limit(limit)

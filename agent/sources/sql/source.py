@@ -67,8 +67,9 @@ class SqlSource(Source):
         return names
 
     def sync_status(self) -> dict[str, Any]:
-        """Per entity: status, last success, next run, progress, error (/v1/sync-status)."""
-        return {name: e.state.as_dict() for name, e in self.entities.items()}
+        """Per entity: status, last success, next run, progress, error, reconciliation
+        (/v1/sync-status)."""
+        return {name: e.status() for name, e in self.entities.items()}
 
     def status(self) -> dict[str, Any]:
         """Source state for /v1/status (the URL is shown with its password masked)."""
@@ -92,6 +93,8 @@ class SqlSource(Source):
     ) -> dict[str, Any]:
         """One pass over ``entities`` (all by default) outside the schedule; errors raise.
 
+        ``reconcile``: then a whole reconciliation pass without pauses (finishing the one
+        in progress after a restart, else a new one); a ``full`` pass has one already.
         For tests, tools and one-shot runs; the database stays open until :meth:`aclose`.
         """
         if not self._opened:
@@ -100,15 +103,14 @@ class SqlSource(Source):
                 await entity.load(out)
             self._opened = True
         for name in entities or list(self.entities):
-            await self.entities[name].run_pass(out, full=full)
-            if reconcile:
-                await self.entities[name].reconcile(out)
+            entity = self.entities[name]
+            await entity.run_pass(out, full=full)
+            if reconcile and not (full and entity.reconciler.enabled):
+                await entity.reconcile(out)
         return self.sync_status()
 
     async def aclose(self) -> None:
         """Close the database opened by :meth:`sync_once`."""
-        for entity in self.entities.values():
-            entity.close()
         await self.db.close()
         self._opened = False
 
@@ -124,33 +126,41 @@ class SqlSource(Source):
                 for name in self.entities:
                     group.create_task(self._entity_loop(name, out), name=f"sql:{self.name}:{name}")
         finally:
-            for entity in self.entities.values():
-                entity.close()
             await self.db.close()
 
     async def _entity_loop(self, name: str, out: Output) -> None:
+        """Incremental passes every ``interval``; between them, reconciliation steps
+        spread over ``reconcile_interval``. One task per entity, so a step never runs
+        at the same time as a pass of its entity (their appends keep the read order)."""
         entity = self.entities[name]
         backoff = Backoff(self.config.retry_initial, self.config.retry_cap)
         next_run = time.time()  # first pass at once; it resumes from the watermark
         while True:
             tasks.raise_if_cancelling()  # a stop lost inside a driver (asyncmy: see agent.tasks)
-            await self._wait(name, next_run)
-            req = self._requests.pop(name, _Request())
+            step_at = entity.reconciler.next_step_at()
+            await self._wait(name, next_run if step_at is None else min(next_run, step_at))
+            req = self._requests.pop(name, None)
+            now = time.time()
+            passing = req is not None or now >= next_run
             try:
-                await entity.run_pass(out, full=req.full)
-                if self._reconcile_due(entity):
-                    await entity.reconcile(out)
+                if passing:
+                    await entity.run_pass(out, full=req is not None and req.full)
+                elif step_at is not None and now >= step_at:
+                    await entity.reconciler.step(out)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 delay = await self._failed(entity, exc, backoff, out)
-                if req.full:  # keep the request: the full sync is still owed
+                if req is not None and req.full:  # keep the request: the full sync is owed
                     self._requests.setdefault(name, _Request()).full = True
-                next_run = time.time() + delay
+                if passing:
+                    next_run = time.time() + delay
+                entity.reconciler.defer(delay)
             else:
                 backoff.reset()
                 await self._recovered(out)
-                next_run = time.time() + self.config.interval
+                if passing:
+                    next_run = time.time() + self.config.interval
             entity.state.next_scheduled_at = next_run
 
     async def _wait(self, name: str, at: float) -> None:
@@ -163,15 +173,6 @@ class SqlSource(Source):
             except TimeoutError:
                 pass
         wake.clear()
-
-    def _reconcile_due(self, entity: EntitySync) -> bool:
-        every = self.config.reconcile_interval
-        if every is None:
-            return False
-        last = entity.state.last_reconcile_at
-        # Many keys upserted since the last run: reconcile early so the set stays small.
-        crowded = entity.added_count > 20 * self.config.chunk_size
-        return last is None or time.time() - last >= every or crowded
 
     async def _failed(
         self, entity: EntitySync, exc: Exception, backoff: Backoff, out: Output

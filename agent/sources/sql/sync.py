@@ -1,9 +1,11 @@
-"""Incremental sync of one entity: chunks, compound watermarks, reconciliation.
+"""Incremental sync of one entity: chunks, compound watermarks.
 
 Every chunk is mapped to records and committed with ONE ``out.append`` that also carries
 the entity's new watermark (cursor ``watermark:<entity>``), so a crash can neither lose
 rows (the watermark never runs ahead of the records) nor skip any on restart (the
 watermark never lags behind what was committed, and re-sent rows carry equal ids).
+With reconciliation on, the same append tells the entity's key set what was sent
+(:mod:`agent.sources.sql.reconcile`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from agent import tasks
 from agent.outbox import Cursor, Quarantined
 from agent.records import Op, Record, entity_builder, format_time, iso_utc
 from agent.sources.base import Output
-from agent.sources.sql import keyset, mapping
+from agent.sources.sql import mapping
 from agent.sources.sql.model import (
     MOD,
     EntitySpec,
@@ -33,10 +35,10 @@ from agent.sources.sql.model import (
     Watermark,
     chunk_query,
     key_label,
-    key_query,
     shift_back,
     window_start,
 )
+from agent.sources.sql.reconcile import Reconciler
 
 if TYPE_CHECKING:
     from agent.sources.sql.source import SqlSource
@@ -121,8 +123,7 @@ class EntitySync:
         self.tz = ZoneInfo(source.config.timezone)
         self.marks: dict[str, Watermark | None] = {f.name: None for f in spec.feeds}
         self.state = SyncState()
-        self.known: str | None = None
-        self.added: keyset.AddedKeys | None = None
+        self.reconciler = Reconciler(self)
         self.columns = mapping.mapped_columns(
             spec.name, spec.extra.get("columns", {}), self.mapping
         )
@@ -132,22 +133,22 @@ class EntitySync:
         """Outbox cursor key of this entity's watermark."""
         return f"watermark:{self.spec.name}"
 
-    @property
-    def keys_key(self) -> str:
-        """Outbox cursor key of this entity's known key set."""
-        return f"keys:{self.spec.name}"
-
     async def load(self, out: Output) -> None:
-        """Restore watermarks and sync times committed before a restart."""
+        """Restore watermarks, sync times and reconciliation progress after a restart."""
         value = await out.cursor(self.source.name, self.cursor_key)
+        legacy_reconcile_at = None
         if isinstance(value, dict):
             for name, mark in (value.get("feeds") or {}).items():
                 if name in self.marks:
                     self.marks[name] = Watermark.decode(mark)
             self.state.last_successful_sync_at = value.get("last_successful_sync_at")
-            self.state.last_reconcile_at = value.get("last_reconcile_at")
-        known = await out.cursor(self.source.name, self.keys_key)
-        self.known = known if isinstance(known, str) else None
+            legacy_reconcile_at = value.get("last_reconcile_at")
+        await self.reconciler.load(out, legacy_reconcile_at)
+        self.state.last_reconcile_at = self.reconciler.last_reconcile_at
+
+    def status(self) -> dict[str, Any]:
+        """/v1/sync-status of this entity: the sync's state and reconciliation's."""
+        return {**self.state.as_dict(), "reconcile": self.reconciler.status()}
 
     def _cursor(self, feed: str | None = None, mark: Watermark | None = None) -> Cursor:
         marks = dict(self.marks)
@@ -163,15 +164,25 @@ class EntitySync:
     # ------------------------------------------------------------------ passes
 
     async def run_pass(self, out: Output, *, full: bool = False) -> None:
-        """Read every feed from its watermark (or the start, when ``full``) to the end."""
+        """Read every feed from its watermark to the end.
+
+        ``full``: afterwards compare every row with what the upstream holds and send what
+        differs, hard deletes included (a reconciliation pass without pauses), so the
+        upstream's latest version of every entity equals the source when it returns.
+        Without reconciliation (``reconcile_interval`` unset) no key set is kept: the
+        feeds are re-read from the start instead, and hard deletes are not found.
+        """
         st = self.state
         st.status, st.full, st.error = "in_progress", full, None
         st.last_started_at = time.time()
         st.rows = st.stored = st.unchanged = st.quarantined = st.deletes = 0
         log.info("sql_sync_started", source=self.source.name, entity=self.spec.name, full=full)
+        reconcile = full and self.reconciler.enabled
         try:
             for feed in self.spec.feeds:
-                await self._run_feed(out, feed, full)
+                await self._run_feed(out, feed, full and not reconcile)
+            if reconcile:
+                await self.reconciler.run_pass(out, fresh=True, full=True)
             st.last_successful_sync_at = time.time()
             await out.append((), cursor=self._cursor())
         except BaseException as exc:
@@ -259,12 +270,15 @@ class EntitySync:
         records: list[Record],
         bad: list[Quarantined],
     ) -> None:
-        result = await out.append(
-            records, cursor=self._cursor(feed.name, mark), dedupe=self.spec.dedupe, quarantine=bad
-        )
+        cursor: list[Cursor] = [self._cursor(feed.name, mark)]
+        if self.reconciler.enabled and records:
+            # Field digests cost about as much as hashing a record: not for the bulk of
+            # an initial or full read; the first reconciliation fills them in instead.
+            bulk = self.state.full or self.marks.get(feed.name) is None
+            cursor.append(self.reconciler.feed_marks(records, fields=not bulk))
+        result = await out.append(records, cursor=cursor, dedupe=self.spec.dedupe, quarantine=bad)
         self.marks[feed.name] = mark
         self._count(rows, records, bad, result.unchanged)
-        await self._track(records)
 
     def _count(self, rows: Sequence[Row], records: list[Record], bad: list[Any], same: int) -> None:
         st = self.state
@@ -274,26 +288,13 @@ class EntitySync:
         st.quarantined += len(bad)
         st.deletes += sum(1 for r in records if r.op is Op.DELETE)
 
-    async def _track(self, records: list[Record]) -> None:
-        """Remember upserted ids for the next reconciliation (when reconciling at all)."""
-        if self.config.reconcile_interval is None or not records:
-            return
-        if self.added is None:
-            self.added = await asyncio.to_thread(keyset.AddedKeys)
-        upserted = [r.remote_id for r in records if r.op is Op.UPSERT]
-        deleted = [r.remote_id for r in records if r.op is Op.DELETE]
-        await asyncio.to_thread(self.added.update, upserted, deleted)
+    async def reconcile(self, out: Output) -> int:
+        """Finish the reconciliation pass in progress, or run a new one, without pauses.
 
-    @property
-    def added_count(self) -> int:
-        """Ids upserted since the last reconciliation."""
-        return 0 if self.added is None else self.added.count
-
-    def close(self) -> None:
-        """Drop temporary files."""
-        if self.added is not None:
-            self.added.close()
-            self.added = None
+        Returns the number of ``delete`` records it sent (for tests and tools; the
+        schedule steps through passes with :meth:`Reconciler.step`).
+        """
+        return await self.reconciler.run_pass(out, fresh=False)
 
     async def _map(self, rows: Sequence[Row]) -> tuple[list[Record], list[Quarantined]]:
         ctx = await self.spec.enrich(rows) if self.spec.enrich is not None else None
@@ -344,10 +345,11 @@ class EntitySync:
                     last_mod = mod
                 records.append(build(remote_id, data, op, custom, remote_data, modified, observed))
             except Exception as exc:  # a bad row is kept aside; the rest flows on
-                bad.append(self._quarantine(row, exc))
+                bad.append(self.quarantine(row, exc))
         return records, bad
 
-    def _quarantine(self, row: Row, exc: Exception) -> Quarantined:
+    def quarantine(self, row: Row, exc: Exception) -> Quarantined:
+        """Log a row that failed to map and wrap it for the outbox's quarantine."""
         keys = [row.get(k) for k in row if k.startswith("_k")]
         log.warning(
             "sql_row_quarantined",
@@ -363,72 +365,3 @@ class EntitySync:
             {"entity": self.spec.name, "key": [str(k) for k in keys], "error": str(exc)},
             payload,
         )
-
-    # ------------------------------------------------------------------ reconciliation
-
-    async def reconcile(self, out: Output) -> int:
-        """Compare all keys with the known set; emit ``delete`` for keys that vanished."""
-        diff = await asyncio.to_thread(keyset.KeyDiff)
-        try:
-            await self._scan_keys(diff)
-            await asyncio.to_thread(diff.add_known, keyset.unpack(self.known))
-            if self.added is not None:
-                await asyncio.to_thread(diff.add_known, self.added)
-            deletes = await self._emit_deletes(out, diff)
-            blob = await asyncio.to_thread(diff.packed_current)
-            self.state.known_keys = await asyncio.to_thread(diff.count_current)
-        finally:
-            await asyncio.to_thread(diff.close)
-        self.state.last_reconcile_at = time.time()
-        await out.append(
-            (),
-            cursor=Cursor(self.source.name, self.keys_key, blob),
-        )
-        await out.append((), cursor=self._cursor())
-        self.known = blob
-        if self.added is not None:
-            await asyncio.to_thread(self.added.clear)
-        self.state.reconcile_deletes += deletes
-        log.info(
-            "sql_reconciled",
-            source=self.source.name,
-            entity=self.spec.name,
-            keys=self.state.known_keys,
-            deletes=deletes,
-        )
-        return deletes
-
-    async def _scan_keys(self, diff: keyset.KeyDiff) -> None:
-        after: tuple[Any, ...] | None = None
-        chunk = self.config.chunk_size
-        while True:
-            rows = await self.source.db.fetch(key_query(self.spec, after, chunk))
-            if not rows:
-                return
-            tuples = [tuple(r.values()) for r in rows]
-            await asyncio.to_thread(diff.add_current, [self.spec.remote_id(t) for t in tuples])
-            after = tuples[-1]
-            if len(rows) < chunk:
-                return
-
-    async def _emit_deletes(self, out: Output, diff: keyset.KeyDiff) -> int:
-        batches = diff.vanished(self.config.chunk_size)
-        total = 0
-        empty: list[str] = []
-        while batch := await asyncio.to_thread(next, batches, empty):
-            now = datetime.now(UTC)
-            records = [
-                Record.entity(
-                    self.source.ref,
-                    self.spec.entity_type,
-                    rid,
-                    {"deleted": True, "reason": "not_found_in_source"},
-                    op=Op.DELETE,
-                    source_modified_at=now,
-                    modified_precision=self.spec.precision,
-                )
-                for rid in batch
-            ]
-            result = await out.append(records, dedupe=self.spec.dedupe)
-            total += len(records) - result.unchanged
-        return total

@@ -1,0 +1,317 @@
+"""Content reconciliation against SAP-shaped tables in real PostgreSQL and MariaDB.
+
+Each change class here is one no change date shows (so no incremental feed sees it): one
+reconciliation pass must send it, log it as a drift naming the fields, and count it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from sqlalchemy import delete, update
+from structlog.testing import capture_logs
+
+from agent.api import AgentCollector
+from agent.outbox import Cursor, Outbox
+from agent.sources.sql import keyset
+from tests.sql.conftest import Backend, latest, make_source, outbox_records, sql_config
+from tests.sql.sapdb import SapDb
+
+BERLIN = ZoneInfo("Europe/Berlin")
+ORDERS = [f"{4100000 + i:012d}" for i in range(7)]
+RECENT = "000004999999"
+
+
+def day(offset: int = 0) -> str:
+    return (datetime.now(BERLIN) + timedelta(days=offset)).strftime("%Y%m%d")
+
+
+async def orders(sap: SapDb, keys: list[str] = ORDERS, **extra: Any) -> None:
+    """Orders changed weeks ago, and one changed today: the feeds' watermark (and its
+    overlap of a day) is past the old ones, so only reconciliation reads them again."""
+    for i, key in enumerate(keys):
+        await sap.order(key, ktext=f"Order {i}", aedat=day(-20), erdat=day(-20), **extra)
+    await sap.order(RECENT, ktext="Recent", aedat=day(), erdat=day(-20))
+
+
+def drifts(logs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {e["key"]: e for e in logs if e["event"] == "sql_reconcile_drift"}
+
+
+async def test_changes_no_feed_sees_are_sent_by_one_pass(
+    backend: Backend, sap: SapDb, outbox: Outbox
+):
+    await orders(sap, tplnr="PLANT-A")
+    config = sql_config(backend, include=["work_orders"], chunk_size=3)
+    source = make_source(config)
+    aufk, afih, afko, iloa = (sap.table(t) for t in ("AUFK", "AFIH", "AFKO", "ILOA"))
+    try:
+        await source.sync_once(outbox, reconcile=True)  # the baseline
+        # Edits a script makes, none touching AEDAT or writing change documents:
+        await sap.execute(update(aufk).where(aufk.c.AUFNR == ORDERS[0]).values(KTEXT="Script"))
+        await sap.execute(
+            update(afih).where(afih.c.AUFNR == ORDERS[1]).values(EQUNR="000000000010000009")
+        )
+        await sap.execute(
+            update(iloa).where(iloa.c.ILOAN == f"L{ORDERS[2][-10:]}").values(TPLNR="PLANT-B")
+        )
+        await sap.execute(update(afko).where(afko.c.AUFNR == ORDERS[3]).values(GSTRP="20270105"))
+        await sap.execute(delete(aufk).where(aufk.c.AUFNR == ORDERS[4]))
+        await sap.order("000004199999", ktext="Backdated", aedat=day(-10), erdat=day(-10))
+        await sap.execute(  # deletion flag set without AEDAT (a mass-update report)
+            update(aufk).where(aufk.c.AUFNR == ORDERS[5]).values(LOEKZ="X")
+        )
+        status = await source.sync_once(outbox)
+        assert status["work_orders"]["progress"]["stored"] == 0, "no feed sees any of them"
+        with capture_logs() as logs:
+            await source.entities["work_orders"].reconcile(outbox)
+    finally:
+        await source.aclose()
+    got = latest(outbox, "work_order")
+    assert got[ORDERS[0]]["data"]["title"] == "Script"
+    assert got[ORDERS[1]]["data"]["asset_remote_id"] == "000000000010000009"
+    assert got[ORDERS[2]]["data"]["location_remote_id"] == "PLANT-B"
+    assert got[ORDERS[3]]["data"]["planned_start"] == "2027-01-05T00:00:00.000Z"
+    assert got[ORDERS[4]]["op"] == "delete"
+    assert got[ORDERS[4]]["data"] == {"deleted": True, "reason": "not_found_in_source"}
+    assert got["000004199999"]["data"]["title"] == "Backdated"
+    assert got[ORDERS[5]]["op"] == "delete"
+    assert got[ORDERS[6]]["seq"] < got[ORDERS[0]]["seq"], "the unchanged order is not re-sent"
+    seen = drifts(logs)
+    assert sorted(seen) == sorted([*ORDERS[:4], "000004199999", ORDERS[5]])
+    assert seen[ORDERS[0]]["fields"] == ["data.title", "remote_data"]
+    assert seen[ORDERS[1]]["fields"] == ["data.asset_remote_id", "remote_data"]
+    assert seen[ORDERS[2]]["fields"] == ["data.location_remote_id", "remote_data"]
+    assert seen[ORDERS[3]]["fields"] == ["data.planned_start", "remote_data"]
+    assert seen[ORDERS[5]]["fields"] == ["op", "remote_data"]
+    assert seen["000004199999"]["reason"] == "created"
+    last = source.sync_status()["work_orders"]["reconcile"]["last"]
+    assert (last["rows"], last["drifts"], last["created"], last["deletes"]) == (8, 6, 1, 1)
+    assert source.sync_status()["work_orders"]["reconcile"]["last_reconcile_at"] is not None
+
+
+async def test_a_change_the_feeds_will_send_is_no_drift(
+    backend: Backend, sap: SapDb, outbox: Outbox
+):
+    """Reconciliation reads a row changed since the last sync: the feeds run first."""
+    await orders(sap)
+    source = make_source(sql_config(backend, include=["work_orders"]))
+    aufk = sap.table("AUFK")
+    try:
+        await source.sync_once(outbox, reconcile=True)
+        await sap.execute(
+            update(aufk).where(aufk.c.AUFNR == ORDERS[0]).values(KTEXT="Edited", AEDAT=day())
+        )
+        with capture_logs() as logs:
+            await source.entities["work_orders"].reconcile(outbox)
+    finally:
+        await source.aclose()
+    assert latest(outbox, "work_order")[ORDERS[0]]["data"]["title"] == "Edited"
+    assert drifts(logs) == {}
+    assert source.sync_status()["work_orders"]["reconcile"]["last"]["drifts"] == 0
+
+
+async def test_created_and_hard_deleted_with_a_restart_between(
+    backend: Backend, sap: SapDb, outbox: Outbox
+):
+    """The documented limitation is gone: the key set is in the outbox, not a temp file."""
+    await orders(sap, ORDERS[:2])
+    config = sql_config(backend, include=["work_orders"])
+    aufk = sap.table("AUFK")
+    first = make_source(config)
+    try:
+        await first.sync_once(outbox, reconcile=True)
+        await sap.order("000004188888", ktext="Short-lived", aedat=day())
+        await first.sync_once(outbox)
+    finally:
+        await first.aclose()
+    await sap.execute(delete(aufk).where(aufk.c.AUFNR == "000004188888"))
+    second = make_source(config)  # a new process
+    try:
+        await second.sync_once(outbox, reconcile=True)
+    finally:
+        await second.aclose()
+    assert latest(outbox, "work_order")["000004188888"]["op"] == "delete"
+
+
+async def test_a_dead_lettered_version_is_sent_again(backend: Backend, sap: SapDb, outbox: Outbox):
+    """Compared with what was delivered, not what was appended: a full sync repairs it."""
+    await orders(sap, ORDERS[:2])
+    source = make_source(sql_config(backend, include=["work_orders"]))
+    aufk = sap.table("AUFK")
+    try:
+        await source.sync_once(outbox, reconcile=True)
+        await sap.execute(
+            update(aufk).where(aufk.c.AUFNR == ORDERS[0]).values(KTEXT="Rejected", AEDAT=day())
+        )
+        await source.sync_once(outbox)
+        leased = await outbox.lease(100, 1 << 30)
+        refused = [x for x in leased if orjson.loads(x.body)["remote_id"] == ORDERS[0]][-1]
+        await outbox.ack([x.seq for x in leased if x is not refused])
+        await outbox.reject([(refused.seq, "upstream 422: invalid title")])
+        assert [r["remote_id"] for r in outbox_records(outbox)] == []
+        await source.sync_once(outbox)  # the overlap re-read: dedupe, nothing new
+        assert outbox_records(outbox) == []
+        status = await source.sync_once(outbox, full=True)
+        again = outbox_records(outbox)
+        assert [(r["remote_id"], r["data"]["title"]) for r in again] == [(ORDERS[0], "Rejected")]
+        assert status["work_orders"]["reconcile"]["last"]["resent"] == 1
+        await outbox.ack([x.seq for x in await outbox.lease(100, 1 << 30)])
+        await source.sync_once(outbox, reconcile=True)  # delivered now: nothing owed
+        assert outbox_records(outbox) == []
+    finally:
+        await source.aclose()
+
+
+async def test_a_pass_is_spread_and_resumes_after_a_restart(
+    backend: Backend, sap: SapDb, outbox: Outbox
+):
+    keys = [f"{4200000 + i:012d}" for i in range(10)]
+    await orders(sap, keys)
+    config = sql_config(backend, include=["work_orders"], chunk_size=3, reconcile_interval="1d")
+    aufk = sap.table("AUFK")
+    first = make_source(config)
+    try:
+        await first.sync_once(outbox, reconcile=True)  # baseline
+        rec = first.entities["work_orders"].reconciler
+        assert rec.next_step_at() > rec.last.started_at + 86000, "next pass in a day"
+        await rec.step(outbox)  # a new pass: chunk 1 of 4
+        await rec.step(outbox)
+        assert rec.status()["state"] == "in_progress"
+        assert rec.current.rows == 6
+        # 11 keys, 3 per chunk: 2 more chunks and the delete page share the rest of 90%
+        # of the day.
+        gap = rec.next_step_at() - rec._last_step_at
+        expected = (rec.current.started_at + 0.9 * 86400 - rec._last_step_at) / 3
+        assert gap == pytest.approx(expected)
+        assert gap > 3600
+    finally:
+        await first.aclose()
+    await sap.execute(delete(aufk).where(aufk.c.AUFNR == keys[1]))  # already scanned
+    await sap.execute(delete(aufk).where(aufk.c.AUFNR == keys[8]))  # not yet
+    second = make_source(config)
+    try:
+        await second.sync_once(outbox, entities=[])
+        rec = second.entities["work_orders"].reconciler
+        assert (rec.phase, rec.after, rec.current.rows) == ("scan", (keys[5],), 6)
+        steps = 0
+        while not await rec.step(outbox):
+            steps += 1
+        assert steps == 2  # two chunks, then the delete page ends the pass
+    finally:
+        await second.aclose()
+    deletes = [r["remote_id"] for r in outbox_records(outbox) if r["op"] == "delete"]
+    # keys[1] was seen by this pass before it was deleted: the next pass deletes it.
+    assert deletes == [keys[8]]
+    assert rec.last is not None
+    assert (rec.last.rows, rec.last.deletes) == (10, 1)  # 11 orders, 1 gone before its turn
+
+
+async def test_rows_older_than_the_initial_window_stay_out(
+    backend: Backend, sap: SapDb, outbox: Outbox
+):
+    await sap.order("000004300001", aedat=day(-200), erdat=day(-200))
+    await sap.order("000004300002", aedat=day(-5), erdat=day(-5))
+    source = make_source(sql_config(backend, include=["work_orders"], initial_window="90d"))
+    try:
+        await source.sync_once(outbox, reconcile=True)
+        await sap.order("000004300003", aedat=day(-300), erdat=day(-300))
+        await source.entities["work_orders"].reconcile(outbox)
+    finally:
+        await source.aclose()
+    assert sorted(latest(outbox, "work_order")) == ["000004300002"]
+    last = source.entities["work_orders"].reconciler.last
+    assert last is not None
+    assert last.out_of_window == 2
+
+
+async def test_upgrade_from_the_key_list_of_an_older_agent(
+    backend: Backend, sap: SapDb, outbox: Outbox
+):
+    """Older agents kept the reconciled keys in one cursor: a key deleted since is found."""
+    await orders(sap, ORDERS[:3])
+    old_keys = keyset.pack(sorted([*ORDERS[:3], "000004000777"]))
+    synced = {  # the feeds are past these orders: only reconciliation reads them again
+        "changes": {"m": day(), "k": None},
+        "status": {"m": day() + "000000", "k": None},
+    }
+    await outbox.append(
+        (),
+        cursor=[
+            Cursor("sap-prd", "keys:work_orders", old_keys),
+            Cursor("sap-prd", "watermark:work_orders", {"feeds": synced, "last_reconcile_at": 1e9}),
+        ],
+    )
+    source = make_source(sql_config(backend, include=["work_orders"]))
+    try:
+        await source.sync_once(outbox, entities=[])
+        rec = source.entities["work_orders"].reconciler
+        assert rec.last is not None
+        assert rec.last.started_at == 1e9, "the old last_reconcile_at schedules the next pass"
+        assert await outbox.cursor("sap-prd", "keys:work_orders") is None, "read once"
+        await source.sync_once(outbox, reconcile=True)
+    finally:
+        await source.aclose()
+    got = latest(outbox, "work_order")
+    assert got["000004000777"]["op"] == "delete"
+    assert rec.last.baseline == 3, "seeded keys have no digest: a baseline, not drifts"
+
+
+async def test_key_set_rows_stay_small(backend: Backend, sap: SapDb, outbox: Outbox):
+    """What the outbox keeps per key (documented in docs/sql-sources.md)."""
+    await orders(sap)
+    source = make_source(sql_config(backend, include=["work_orders"]))
+    try:
+        await source.sync_once(outbox, reconcile=True)
+    finally:
+        await source.aclose()
+    con = sqlite3.connect(outbox.path)
+    try:
+        rows = con.execute("SELECT key, mark, live, digest, fields FROM source_keys").fetchall()
+    finally:
+        con.close()
+    assert sorted(r[0] for r in rows) == [*ORDERS, RECENT]
+    assert all(r[2] == 1 and isinstance(r[3], int) for r in rows)
+    names = source.entities["work_orders"].reconciler.layout.names
+    assert names[-1] == "remote_data"
+    assert {len(r[4]) for r in rows} == {2 + 2 * len(names)}, "tag + 2 bytes per field"
+    assert 2 + 2 * len(names) <= 32
+
+
+async def test_status_and_metrics(pg: Backend, outbox: Outbox):
+    sap = SapDb(pg.engine, pg.schema)
+    await sap.create()
+    await orders(sap, ORDERS[:3])
+    source = make_source(sql_config(pg, include=["work_orders"]))
+    aufk = sap.table("AUFK")
+    try:
+        await source.sync_once(outbox, reconcile=True)
+        await sap.execute(update(aufk).where(aufk.c.AUFNR == ORDERS[0]).values(KTEXT="Moved"))
+        await sap.execute(delete(aufk).where(aufk.c.AUFNR == ORDERS[1]))
+        await source.entities["work_orders"].reconcile(outbox)
+    finally:
+        await source.aclose()
+    rec = source.status()["entities"]["work_orders"]["reconcile"]
+    assert rec["state"] == "idle"
+    assert rec["totals"] == {"rows": 4 + 3, "drifts": 1, "deletes": 1}
+    assert (rec["last"]["rows"], rec["last"]["drifts"], rec["last"]["deletes"]) == (3, 1, 1)
+    collector = AgentCollector(None)  # type: ignore[arg-type]
+    collector.snapshot = {"sources": {"sap-prd": source.status()}}
+    text = generate_latest(_registry(collector)).decode()
+    labels = '{entity="work_orders",source="sap-prd"}'
+    assert f"edge_agent_sql_reconcile_rows_total{labels} 7.0" in text
+    assert f"edge_agent_sql_reconcile_drifts_total{labels} 1.0" in text
+    assert f"edge_agent_sql_reconcile_deletes_total{labels} 1.0" in text
+    assert f"edge_agent_sql_last_reconcile_timestamp_seconds{labels}" in text
+
+
+def _registry(collector: AgentCollector) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return registry
