@@ -81,27 +81,21 @@ async def test_the_message_callback_never_raises_into_paho(tmp_path) -> None:
     the message, and the mapping quarantines what it cannot map (here a topic that is not
     UTF-8, which mosquitto itself refuses, so no real broker can send it), acknowledged
     with its batch. A late message of a finished session is left to redelivery."""
-    import paho.mqtt.client as paho  # noqa: PLC0415
-
     from agent.sources.mqtt.source import _Pipe  # noqa: PLC0415
 
     src = MqttSource("plant", mqtt_config(1883), SourceContext(agent_id="gw", site="s"))
     pipe = _Pipe()
-    bad = paho.MQTTMessage(mid=7, topic=b"site/\xff/lift/L1/telemetry")
-    bad.payload, bad.qos = b'{"ts": 1, "load": {"kg": 1}}', 1
-    good = paho.MQTTMessage(mid=8, topic=b"site/berlin/lift/L1/telemetry")
-    good.payload, good.qos = b'{"ts": 2, "load": {"kg": 2}}', 1
-    src._on_message(pipe, None, None, bad)
-    src._on_message(pipe, None, None, good)
+    # (topic bytes, payload, mid, qos), as the adapter (agent/sources/mqtt/client.py)
+    # passes each paho message
+    src._on_message(pipe, b"site/\xff/lift/L1/telemetry", b'{"ts": 1, "load": {"kg": 1}}', 7, 1)
+    src._on_message(pipe, b"site/berlin/lift/L1/telemetry", b'{"ts": 2, "load": {"kg": 2}}', 8, 1)
     (batch,) = pipe.batches
     await src._map_batch(batch)
     assert batch.acks == [(7, 1), (8, 1)]
     assert [q.reason for q in batch.bad] == ["invalid_topic"]
     assert [r.data["value"] for r in batch.records] == [2.0]
     pipe.closed = True
-    late = paho.MQTTMessage(mid=9, topic=b"site/berlin/lift/L1/telemetry")
-    late.payload, late.qos = b'{"ts": 3, "load": {"kg": 3}}', 1
-    src._on_message(pipe, None, None, late)
+    src._on_message(pipe, b"site/berlin/lift/L1/telemetry", b'{"ts": 3, "load": {"kg": 3}}', 9, 1)
     assert batch.acks == [(7, 1), (8, 1)]
     assert src.counters["received"] == 2
 
@@ -110,8 +104,6 @@ async def test_a_batch_that_waited_keeps_each_message_arrival_time() -> None:
     """Mapping happens when the committer takes a batch, which may be long after the
     messages arrived (behind a commit blocked on a full outbox): the fallback time of a
     message without a timestamp is its arrival, not the mapping."""
-    import paho.mqtt.client as paho  # noqa: PLC0415
-
     from agent.sources.mqtt.source import _Pipe  # noqa: PLC0415
 
     sub = {
@@ -121,9 +113,7 @@ async def test_a_batch_that_waited_keeps_each_message_arrival_time() -> None:
     }
     src = MqttSource("plant", mqtt_config(1883, subscriptions=[sub]), SourceContext("gw", "s"))
     pipe = _Pipe()
-    m = paho.MQTTMessage(mid=1, topic=b"site/berlin/lift/L1/telemetry")
-    m.payload, m.qos = b'{"load": {"kg": 5}}', 1
-    src._on_message(pipe, None, None, m)
+    src._on_message(pipe, b"site/berlin/lift/L1/telemetry", b'{"load": {"kg": 5}}', 1, 1)
     (batch,) = pipe.batches
     topic, payload, arrived = batch.raw[0]
     batch.raw[0] = (topic, payload, arrived - 3600)  # it waited an hour for the committer

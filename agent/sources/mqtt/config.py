@@ -31,6 +31,10 @@ _NAMED = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 # Names a template may use besides the subscription's named topic segments.
 BUILTIN_FIELDS = frozenset({"topic", "point", "source"})
 SPARKPLUG_FIELDS = frozenset({"group", "edge_node", "device", "message_type"})
+# MQTT 5 packet sizes: the largest the protocol can encode (remaining length 268,435,455
+# plus the fixed header), and room beside a payload for the topic and properties.
+MQTT_MAX_PACKET = 268_435_460
+PACKET_HEADROOM = 64 * 1024
 
 
 def template_fields(template: str) -> set[str]:
@@ -274,8 +278,9 @@ class MqttConfig(SourceConfig):
     """MQTT 5: how long the broker keeps the session (and queues messages) while the
     agent is away. MQTT 3.1.1 sessions never expire (broker settings permitting)."""
     receive_maximum: int = Field(default=1000, ge=1, le=65535)
-    """MQTT 5: most unacknowledged messages the broker may send at once (the in-memory
-    bound; MQTT 3.1.1 relies on the broker's ``max_inflight_messages``)."""
+    """MQTT 5: most unacknowledged messages the broker may send at once (its flow
+    control; MQTT 3.1.1 relies on the broker's ``max_inflight_messages``). The agent's
+    memory is bounded by ``max_held_bytes`` whatever the broker does."""
     connect_timeout: PositiveDuration = 15.0
     """Time allowed for connect and subscribe."""
     reconnect_initial: PositiveDuration = 1.0
@@ -296,11 +301,22 @@ class MqttConfig(SourceConfig):
     max_held_bytes: ByteSize = 64 * 1024 * 1024
     """Most bytes (topic, payload and ~200 bytes of bookkeeping per message) held in memory
     between a message's arrival and its commit: messages pile up there while a commit
-    waits, for example on a full outbox with ``when_full = "block"``. Beyond it a QoS 0
-    message is dropped, counted (``dropped_qos0_over_held_limit``) and logged: QoS 0 has
-    no flow control and no redelivery. QoS 1 messages are kept (the broker's flow control,
-    ``receive_maximum``, bounds them); size this above ``receive_maximum`` x your largest
-    messages. At least ``max_payload_bytes``."""
+    waits, for example on a full outbox with ``when_full = "block"``. When they reach it
+    the agent stops reading from the broker, whatever the QoS, until commits bring them
+    under half of it (status ``reading_paused``, counter ``read_pauses``): the broker
+    queues meanwhile, and no QoS 1 message is dropped or acknowledged before its commit.
+    A QoS 0 message read while at the limit (only bytes already in flight) is dropped and
+    counted (``dropped_qos0_over_held_limit``). At least ``max_payload_bytes``; memory
+    stays within about this plus one message (``max_packet_bytes``)."""
+    max_packet_bytes: ByteSize | None = None
+    """MQTT 5: the Maximum Packet Size announced to the broker; default 4 x
+    ``max_payload_bytes`` + 64 KiB (1088 KiB with the defaults). The broker never sends a
+    larger packet: by the MQTT 5 rules it drops such a message for this client, QoS 1
+    too, without telling the agent (mosquitto logs ``Dropping too large outgoing PUBLISH
+    for <client_id>``), so the agent never reads one whole into memory. Messages
+    between ``max_payload_bytes`` and this are quarantined (``payload_too_large``),
+    visibly. MQTT 3.1.1 has no such limit: bound message sizes at the broker (mosquitto
+    ``max_packet_size``)."""
     tls: TlsConfig | None = None
     """TLS settings; absent means plain TCP."""
     subscriptions: list[SubscriptionConfig] = Field(min_length=1)
@@ -338,4 +354,18 @@ class MqttConfig(SourceConfig):
     def _check_backoff(self) -> MqttConfig:
         if self.max_held_bytes < self.max_payload_bytes:
             raise ValueError("max_held_bytes must be at least max_payload_bytes")
+        if self.max_packet_bytes is not None and not (
+            self.max_payload_bytes < self.max_packet_bytes <= MQTT_MAX_PACKET
+        ):
+            raise ValueError(
+                "max_packet_bytes must be larger than max_payload_bytes (so that larger "
+                f"payloads are quarantined) and at most {MQTT_MAX_PACKET}"
+            )
         return self
+
+    @property
+    def packet_limit(self) -> int:
+        """The Maximum Packet Size announced in CONNECT (MQTT 5), in bytes."""
+        if self.max_packet_bytes is not None:
+            return self.max_packet_bytes
+        return min(4 * self.max_payload_bytes + PACKET_HEADROOM, MQTT_MAX_PACKET)

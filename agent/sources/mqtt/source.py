@@ -10,11 +10,16 @@ deterministic record ids make that redelivery a duplicate the upstream drops (a 
 without a timestamp of its own is observed at its arrival, so its redelivery is a second
 observation: a record more, never one lost).
 
-aiomqtt 2.x has no manual-ack option yet (empicano/aiomqtt#345, PR #346), so the paho
-client underneath (``client._client``) is used for ``manual_ack_set`` and ``ack``, and
-its ``on_message`` callback replaces aiomqtt's message queue (see ``_consume``); all of
-it runs on the event loop thread, where aiomqtt drives paho. aiomqtt is pinned to 2.x
-for this; aiomqtt still connects, subscribes, reconnects and reports disconnection.
+aiomqtt 2.x has no manual-ack option yet, and nothing to stop reading while commits
+wait: :mod:`agent.sources.mqtt.client` adapts it (the one module that touches aiomqtt's
+and paho's internals, and says why). Its message callback replaces aiomqtt's message
+queue (see ``_consume``); all of it runs on the event loop thread, where aiomqtt drives
+paho. aiomqtt still connects, subscribes, reconnects and reports disconnection.
+
+Memory is bounded for every QoS: when the bytes received and not yet committed reach
+``max_held_bytes``, the source stops reading from the broker (the broker queues) until
+commits bring them under half of it; MQTT 5's Maximum Packet Size
+(``max_packet_bytes``) bounds the one message being read.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from agent.outbox import Cursor, Quarantined
 from agent.rbe import RbeUndo
 from agent.records import Record
 from agent.sources.base import Output, Source, SourceConfig, SourceContext
+from agent.sources.mqtt.client import Connection
 from agent.sources.mqtt.config import MqttConfig
 from agent.sources.mqtt.mapping import ALIAS_CURSOR_KEY, Mapper, Outcome, _preview
 
@@ -126,12 +132,12 @@ class _Pipe:
     """Between paho's callback and the committer of one connection: batches, oldest first.
 
     ``on_message`` adds to the newest batch until it holds ``batch_max_messages``; the
-    committer takes the oldest. The broker's flow control (receive maximum,
-    max_inflight_messages) bounds the unacknowledged QoS 1 messages; QoS 0 messages have
-    no such bound. ``held`` counts the bytes of everything received and not yet
-    committed; QoS 0 messages beyond ``max_held_bytes`` are dropped (see
-    ``MqttSource._on_message``).
+    committer takes the oldest. ``held`` counts the bytes of everything received and not
+    yet committed: at ``max_held_bytes`` the connection stops reading (any QoS) until
+    commits bring it under half of that (see ``MqttSource._on_message``).
     """
+
+    conn: Connection | None = None
 
     batches: deque[_Batch] = field(default_factory=deque)
     ready: asyncio.Event = field(default_factory=asyncio.Event)  # a batch is waiting
@@ -177,6 +183,7 @@ class MqttSource(Source):
         """Connection state, last error, last message time and counters."""
         counters = dict(self.counters)
         bad = dict(self.mapper.counters)
+        conn = None if self._pipe is None or self._pipe.closed else self._pipe.conn
         return {
             "state": self.state,
             "connected": self.connected,
@@ -193,6 +200,8 @@ class MqttSource(Source):
             "held_messages": (
                 0 if self._pipe is None or self._pipe.closed else self._pipe.held_messages
             ),
+            "reading_paused": conn is not None and conn.paused,
+            "reading_paused_since": None if conn is None else conn.paused_since,
             "input_problems": bad,
             "rbe_suppressed": self.mapper.rbe.suppressed,
             "sparkplug_sequence_gaps": self.mapper.sequence_gaps,
@@ -279,11 +288,15 @@ class MqttSource(Source):
     async def _session(self, out: Output) -> None:
         client, pipe = await self._client()
         self._pipe = pipe
+        conn = pipe.conn
+        assert conn is not None
         try:
             async with client:
+                self.session_present = conn.session_present
                 await self._connected(client, pipe, out)
         finally:
             pipe.closed = True
+            await conn.aclose()
             undo = self.mapper.rbe_undo
             if pipe.committing and undo is not None:
                 # A batch was mapped (RBE learnt from it) but not acknowledged: the broker
@@ -329,6 +342,9 @@ class MqttSource(Source):
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = min(int(c.session_expiry), 0xFFFFFFFF)
             props.ReceiveMaximum = c.receive_maximum
+            # The broker never sends a larger packet (it drops the message instead): the
+            # bound on the one message paho reads whole before handing it over.
+            props.MaximumPacketSize = c.packet_limit
         tls = await asyncio.to_thread(self._tls_context) if c.tls is not None else None
         client = aiomqtt.Client(
             c.host,
@@ -346,25 +362,13 @@ class MqttSource(Source):
             tls_context=tls,
             tls_insecure=True if c.tls is not None and c.tls.insecure_skip_verify else None,
         )
-        inner: paho.Client = client._client
-        if not logging.getLogger(_PAHO_LOGGER).isEnabledFor(logging.DEBUG):
-            # paho formats a debug line per packet even when nobody listens; its errors
-            # reach us as aiomqtt exceptions anyway.
-            inner.disable_logger()
-        # Before connecting: a persistent session delivers queued messages right after
-        # CONNACK, and each must wait for its commit before its PUBACK.
-        inner.manual_ack_set(True)
         # paho's callback keeps each message in this client's own pipe (see _consume): a
         # late callback of an old connection can never reach a newer committer.
         pipe = _Pipe()
-        inner.on_message = functools.partial(self._on_message, pipe)
-        on_connect: Any = inner.on_connect
-
-        def capture(cl: Any, ud: Any, flags: Any, rc: Any, props: Any = None) -> None:
-            self.session_present = bool(getattr(flags, "session_present", False))
-            on_connect(cl, ud, flags, rc, props)
-
-        inner.on_connect = capture
+        pipe.conn = Connection(client, functools.partial(self._on_message, pipe))
+        if not logging.getLogger(_PAHO_LOGGER).isEnabledFor(logging.DEBUG):
+            # its errors reach us as aiomqtt exceptions anyway
+            pipe.conn.disable_paho_logger()
         return client, pipe
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -412,8 +416,9 @@ class MqttSource(Source):
         between paho's reads, the same work cost about twice as much (measured with
         benchmarks/mqtt_ingest.py: 0.65 of the bare subscriber, 0.73-0.84 batched).
         """
-        committer = asyncio.create_task(self._commit_batches(client, out, pipe))
-        disconnected: asyncio.Future[None] = client._disconnected
+        assert pipe.conn is not None
+        committer = asyncio.create_task(self._commit_batches(pipe.conn, out, pipe))
+        disconnected = pipe.conn.disconnected
         try:
             await asyncio.wait((committer, disconnected), return_when=asyncio.FIRST_COMPLETED)
             if committer.done():
@@ -426,20 +431,23 @@ class MqttSource(Source):
             if disconnected.done() and not disconnected.cancelled():
                 disconnected.exception()  # retrieved: no "never retrieved" noise
 
-    def _on_message(self, pipe: _Pipe, _client: Any, _userdata: Any, m: paho.MQTTMessage) -> None:
-        """paho's ``on_message``: keep the message's topic, payload and id in the open batch
-        (paho's message object is dropped at once). Nothing here can raise into paho,
+    def _on_message(
+        self, pipe: _Pipe, topic: bytes, payload: bytes | bytearray, mid: int, qos: int
+    ) -> None:
+        """The adapter's message callback: keep the message's topic, payload and id in the
+        open batch; at ``max_held_bytes`` stop reading. Nothing here can raise into paho,
         which would handle the same packet again and again."""
         if pipe.closed:
             return  # its session is over: not acknowledged, so the broker redelivers it
         now = time.time()
         self.counters["received"] += 1
         self.last_message_at = now
-        size = len(m._topic) + len(m.payload) + HELD_OVERHEAD
-        if pipe.held + size > self.cfg.max_held_bytes and pipe.held and self._over_limit(pipe, m):
+        limit = self.cfg.max_held_bytes
+        if pipe.held >= limit and self._over_limit(pipe, topic, qos):
             return
-        raw = (m._topic, m.payload, now)
-        ack = (m.mid, m.qos)
+        size = len(topic) + len(payload) + HELD_OVERHEAD
+        raw = (topic, payload, now)
+        ack = (mid, qos)
         batch = pipe.open_batch(self.cfg.batch_max_messages)
         batch.raw.append(raw)
         batch.acks.append(ack)
@@ -447,29 +455,58 @@ class MqttSource(Source):
         pipe.held += size
         pipe.held_messages += 1
         pipe.ready.set()
+        if pipe.held >= limit:
+            self._pause(pipe)
 
-    def _over_limit(self, pipe: _Pipe, m: paho.MQTTMessage) -> bool:
-        """A message that takes the held bytes over ``max_held_bytes``; True: drop it.
+    def _pause(self, pipe: _Pipe) -> None:
+        """Stop reading: what is held waits for commits (is the outbox full?), and the
+        broker keeps the rest queued (QoS 1 in the session; QoS 0 as the broker's queue
+        limits allow) instead of this process's memory."""
+        if pipe.conn is None or pipe.conn.paused:
+            return  # no connection (a test's pipe), or paused already
+        pipe.conn.pause()
+        self.counters["read_pauses"] += 1
+        log.info(
+            "mqtt_reading_paused",
+            source=self.name,
+            held_bytes=pipe.held,
+            held_messages=pipe.held_messages,
+            max_held_bytes=self.cfg.max_held_bytes,
+            detail="messages received and not yet committed reached max_held_bytes; the "
+            "broker queues the rest until commits catch up",
+        )
 
-        QoS 0 has no flow control and no redelivery: the message is dropped, counted and
-        logged. A QoS 1 message is kept: the broker's flow control bounds those (the
-        agent's acknowledgements wait for the commit), and dropping one unacknowledged
-        would stall it until a reconnect. One warning per connection says the limit is
-        too small for the broker's receive maximum, or that the broker ignores it.
+    def _resume(self, pipe: _Pipe) -> None:
+        assert pipe.conn is not None
+        since = pipe.conn.paused_since
+        pipe.conn.resume()
+        log.info(
+            "mqtt_reading_resumed",
+            source=self.name,
+            held_bytes=pipe.held,
+            paused_for=None if since is None else round(time.time() - since, 2),
+        )
+
+    def _over_limit(self, pipe: _Pipe, topic: bytes, qos: int) -> bool:
+        """A message read while the held bytes are at ``max_held_bytes`` (reading is
+        paused then, so only bytes already read: e.g. decrypted by TLS); True: drop it.
+
+        QoS 0 has no redelivery: the message is dropped, counted and logged. A QoS 1
+        message is kept: dropping one unacknowledged would stall the broker's window
+        until a reconnect.
         """
-        if m.qos == 0:
+        if qos == 0:
             self.counters["dropped_qos0_over_held_limit"] += 1
             n = self.counters["dropped_qos0_over_held_limit"]
             if n == 1 or n % 1000 == 0:
                 log.warning(
                     "mqtt_qos0_dropped_over_held_limit",
                     source=self.name,
-                    topic=m._topic.decode("utf-8", "replace"),
+                    topic=topic.decode("utf-8", "replace"),
                     dropped=n,
                     held_bytes=pipe.held,
-                    detail="QoS 0 messages arrive faster than they can be committed (is "
-                    "the outbox full?) and cannot be redelivered; use QoS 1 for data that "
-                    "must not be lost, or raise max_held_bytes",
+                    detail="QoS 0 messages arrived while max_held_bytes was reached and "
+                    "cannot be redelivered; use QoS 1 for data that must not be lost",
                 )
             return True
         self.counters["qos1_held_over_limit"] += 1
@@ -478,13 +515,11 @@ class MqttSource(Source):
             log.warning(
                 "mqtt_held_over_limit",
                 source=self.name,
-                topic=m._topic.decode("utf-8", "replace"),
+                topic=topic.decode("utf-8", "replace"),
                 held_bytes=pipe.held,
                 max_held_bytes=self.cfg.max_held_bytes,
-                detail="QoS 1 messages received and not yet committed exceed max_held_bytes; "
-                "they are kept (the broker's flow control bounds them): raise "
-                "max_held_bytes above receive_maximum x message size, or lower "
-                "receive_maximum (or the broker ignores it)",
+                detail="a QoS 1 message arrived while max_held_bytes was reached; it is "
+                "kept (and reading stays paused)",
             )
         return False
 
@@ -552,7 +587,7 @@ class MqttSource(Source):
             self._log_bad(outcome.quarantine)
         return outcome
 
-    async def _commit_batches(self, client: aiomqtt.Client, out: Output, pipe: _Pipe) -> None:
+    async def _commit_batches(self, conn: Connection, out: Output, pipe: _Pipe) -> None:
         while True:
             if not pipe.batches:
                 pipe.ready.clear()
@@ -568,12 +603,14 @@ class MqttSource(Source):
             self.mapper.rbe_undo = None  # stored: what RBE learnt from it stands
             pipe.held -= batch.held
             pipe.held_messages -= len(batch.acks)
+            if conn.paused and pipe.held <= self.cfg.max_held_bytes // 2:
+                self._resume(pipe)
             self.counters["records"] += len(batch.records)
             self.counters["quarantined"] += len(batch.bad)
             self.counters["suppressed"] += batch.suppressed
             self.counters["committed_messages"] += len(batch.acks)
             if not self._hold_acks:
-                ack = client._client.ack
+                ack = conn.ack
                 for mid, qos in batch.acks:
                     ack(mid, qos)
                 self.counters["acked"] += len(batch.acks)
