@@ -8,12 +8,28 @@ namespace (a tmpfs over /opt, the installed tree bound on it), as the unit will 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import os
 import shutil
+import signal
+import sqlite3
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
+from sqlalchemy import text
+
+from agent.outbox import Outbox
+from agent.receiver import Receiver, running_receiver
+from tests.agent_process import toml_dumps
+from tests.helpers.waiting import free_port
+from tests.sql.conftest import Backend, _mariadb, _postgres
+from tests.upstream_support import make_records
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,6 +44,8 @@ def sha(path: str) -> str:
 def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not shutil.which("dpkg-deb") or not shutil.which("dpkg"):
         pytest.skip("dpkg-deb/dpkg not available: the .deb is built on Debian-family hosts")
+    if prebuilt := os.environ.get("EDGE_AGENT_TEST_DEB"):  # iterate on the tests only
+        return Path(prebuilt)
     out = tmp_path_factory.mktemp("dist")
     r = subprocess.run(
         [str(ROOT / "packaging" / "build-deb"), str(out)],
@@ -96,14 +114,11 @@ def test_lintian_findings_are_reported(deb: Path) -> None:
         ["lintian", "--no-tag-display-limit", str(deb)], capture_output=True, text=True
     )
     print(r.stdout)
-    # A bundled virtualenv under /opt draws pedantic tags (embedded libraries, no man
-    # page...); only errors that would break installation fail the test.
-    fatal = (
-        "E: edge-agent: control-file-",
-        "E: edge-agent: malformed-",
-        "E: edge-agent: no-copyright",
-    )
-    assert not [line for line in r.stdout.splitlines() if line.startswith(fatal)], r.stdout
+    # No error and no warning: what a bundled virtualenv draws by design is overridden in
+    # packaging/lintian-overrides, each with its reason (info and pedantic tags pass).
+    found = [line for line in r.stdout.splitlines() if line.startswith(("E:", "W:"))]
+    assert not found, "\n".join(found)
+    assert r.returncode == 0, r.stderr
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +160,7 @@ def test_install_lands_where_the_unit_expects(installed: Path) -> None:
     state = (root / "var/lib/edge-agent").stat()
     assert (state.st_uid, state.st_gid, state.st_mode & 0o777) == (uid, gid, 0o750)
     conf = (root / "etc/edge-agent/config.toml").stat()
-    assert (conf.st_uid, conf.st_gid, conf.st_mode & 0o777) == (0, gid, 0o640)
+    assert (conf.st_uid, conf.st_gid, conf.st_mode & 0o777) == (0, gid, 0o640)  # by postinst
     assert "edge-agent:x:" in (root / "etc/passwd").read_text()
     assert "/usr/sbin/nologin" in (root / "etc/passwd").read_text()
 
@@ -227,3 +242,283 @@ def test_reinstall_keeps_the_edited_config_and_purge_keeps_the_outbox(
     assert (root / "var/lib/edge-agent/outbox.db").read_bytes() == b"undelivered"
     assert not conf.exists()
     assert not (root / "opt/edge-agent/bin/edge-agent").exists()
+
+
+# --------------------------------------------------------- the packaged agent, running
+
+TOKEN = "packaged-upstream-token"
+
+
+def fresh_root(tmp: Path) -> Path:
+    root = tmp / "root"
+    for d in ("var/lib/dpkg/info", "var/lib/dpkg/updates", "etc"):
+        (root / d).mkdir(parents=True)
+    (root / "var/lib/dpkg/status").touch()
+    (root / "var/lib/dpkg/available").touch()
+    return root
+
+
+def packaged(root: Path, *args: str) -> list[str]:
+    """The command line of the packaged ``edge-agent`` of ``root``.
+
+    The venv's absolute paths name /opt/edge-agent (build-deb relocates the staging venv
+    there, as dh-virtualenv does): its scripts' shebangs and ``pyvenv.cfg``. Where a
+    private mount namespace can be had, the tree is bound at /opt/edge-agent and the
+    packaged script runs exactly as the unit's ExecStart. Elsewhere the venv's own
+    interpreter runs the script: Python finds its venv from ``pyvenv.cfg`` beside the
+    interpreter's path, so it is still the package's site-packages that load.
+    """
+    if in_opt(root, "true").returncode == 0:
+        script = (
+            "mount -t tmpfs tmpfs /opt && mkdir /opt/edge-agent && "
+            f'mount --bind {root}/opt/edge-agent /opt/edge-agent && exec "$@"'
+        )
+        return [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            "/opt/edge-agent/bin/edge-agent",
+            *args,
+        ]
+    venv = root / "opt/edge-agent/bin"
+    return [str(venv / "python"), str(venv / "edge-agent"), *args]
+
+
+def clean_env() -> dict[str, str]:
+    """No PYTHONPATH, no test settings: only the package's own code can load."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PYTHON", "EDGE_AGENT_", "NOTIFY_", "WATCHDOG_"))
+    }
+
+
+def sql_source(backend: Backend, table: str) -> dict[str, Any]:
+    source: dict[str, Any] = {
+        "type": "sql",
+        "profile": "declarative",
+        "url": backend.url,
+        "interval": "1s",
+        "initial_window": "3650d",
+        "entities": {
+            "work_orders": {
+                "entity_type": "work_order",
+                "table": f"{backend.schema}.{table}" if backend.schema else table,
+                "key": ["wonum"],
+                "cursor": "changed_at",
+                "fields": {"title": "descr"},
+            }
+        },
+    }
+    return source
+
+
+async def wo_table(backend: Backend, rows: int) -> str:
+    table = "pkg_wo"
+    async with backend.engine.begin() as conn:
+        if backend.schema:
+            await conn.execute(text(f'SET search_path TO "{backend.schema}"'))
+        await conn.execute(
+            text(
+                f"CREATE TABLE {table} (wonum VARCHAR(20) PRIMARY KEY, descr VARCHAR(80), "
+                "changed_at TIMESTAMP(6) NULL)"
+            )
+        )
+        for i in range(rows):
+            await conn.execute(
+                text(f"INSERT INTO {table} VALUES (:w, :d, CURRENT_TIMESTAMP)"),
+                {"w": f"{backend.name}-{i}", "d": f"job {i} on {backend.name}"},
+            )
+    return table
+
+
+def agent_config(path: Path, state: Path, upstream: str, sources: dict[str, Any]) -> Path:
+    data = {
+        "agent": {"id": "packaged-gw", "state_dir": str(state)},
+        "logging": {"format": "json"},
+        "upstream": {"url": upstream, "token": TOKEN, "drain_timeout": "5s"},
+        "api": {"listen": f"127.0.0.1:{free_port()}"},
+        "sources": sources,
+    }
+    path.write_text(toml_dumps(data) + "\n")
+    return path
+
+
+async def delivered(rx: Receiver) -> dict[str, set[str]]:
+    """remote ids the receiver holds, per source."""
+    out: dict[str, set[str]] = {}
+    cursor = 0
+    while True:
+        bodies, nxt = await asyncio.to_thread(rx.store.page, None, None, cursor, 500)
+        for body in bodies:
+            rec = orjson.loads(body)
+            out.setdefault(rec["source"]["name"], set()).add(rec["remote_id"])
+        if nxt is None:
+            return out
+        cursor = int(nxt)
+
+
+@contextlib.asynccontextmanager
+async def agent_running(
+    root: Path, conf: Path, log: Path
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    with log.open("wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            *packaged(root, "--config", str(conf), "run"),
+            env=clean_env(),
+            cwd=conf.parent,
+            stdout=err,
+            stderr=err,
+        )
+        try:
+            yield proc
+        finally:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    async with asyncio.timeout(60):
+                        await proc.wait()
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+
+
+async def wait_until(check: Any, proc: asyncio.subprocess.Process, log: Path) -> None:
+    async with asyncio.timeout(180):  # a bound, not a timing: a loaded CI machine is slow
+        while not await check():
+            assert proc.returncode is None, log.read_text()[-3000:]
+            await asyncio.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def extracted(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The package's files, as ``dpkg-deb -x`` lays them out (no maintainer scripts)."""
+    root = tmp_path_factory.mktemp("extracted")
+    run("dpkg-deb", "-x", str(deb), str(root))
+    return root
+
+
+def test_the_package_carries_the_documented_drivers(extracted: Path) -> None:
+    probe = subprocess.run(
+        packaged(extracted, "--version"), capture_output=True, text=True, env=clean_env()
+    )
+    assert probe.returncode == 0, probe.stderr
+    python = extracted / "opt/edge-agent/bin/python"
+    code = (
+        "import agent, asyncpg, asyncmy, oracledb, sys; "
+        "print(agent.__file__); print(oracledb.is_thin_mode())"
+    )
+    r = subprocess.run(
+        [str(python), "-c", code], capture_output=True, text=True, env=clean_env(), cwd="/"
+    )
+    assert r.returncode == 0, r.stderr
+    where, thin = r.stdout.split()
+    assert where.startswith(str(extracted / "opt/edge-agent/lib/")), where
+    assert thin == "True"  # Oracle without Instant Client
+    for extra in ("aioodbc", "hdbcli"):  # documented extras, not carried
+        r = subprocess.run(
+            [str(python), "-c", f"import {extra}"], capture_output=True, env=clean_env(), cwd="/"
+        )
+        assert r.returncode != 0, extra
+
+
+async def test_packaged_agent_delivers_postgresql_and_mariadb_to_the_receiver(
+    extracted: Path, tmp_path: Path
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        pg = await stack.enter_async_context(contextlib.asynccontextmanager(_postgres)())
+        maria = await stack.enter_async_context(contextlib.asynccontextmanager(_mariadb)())
+        sources = {
+            "pg-cmms": sql_source(pg, await wo_table(pg, 4)),
+            "maria-cmms": sql_source(maria, await wo_table(maria, 3)),
+        }
+        rx = await stack.enter_async_context(running_receiver(tmp_path / "rx.db", TOKEN))
+        conf = agent_config(tmp_path / "config.toml", tmp_path / "state", rx.url, sources)
+        for check in (["check-config", str(conf)], ["check-config", "--connect", str(conf)]):
+            r = await asyncio.to_thread(
+                subprocess.run,
+                packaged(extracted, *check),
+                capture_output=True,
+                text=True,
+                env=clean_env(),
+                cwd="/",
+            )
+            assert r.returncode == 0, r.stderr + r.stdout
+        log = tmp_path / "agent.log"
+        async with agent_running(extracted, conf, log) as proc:
+            want = {
+                "pg-cmms": {f"postgresql-{i}" for i in range(4)},
+                "maria-cmms": {f"mariadb-{i}" for i in range(3)},
+            }
+
+            async def arrived() -> bool:
+                return await delivered(rx) == want
+
+            await wait_until(arrived, proc, log)
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(60):
+                assert await proc.wait() == 0, log.read_text()[-3000:]
+        assert b'"agent_started"' in log.read_bytes()
+
+
+def queued_ids(state: Path) -> set[str]:
+    con = sqlite3.connect(state / "outbox.db")
+    try:
+        return {row[0] for row in con.execute("SELECT id FROM records")}
+    finally:
+        con.close()
+
+
+def bumped(deb: Path, out: Path, version: str) -> Path:
+    """The same package as version ``version``: what `apt install ./<new>.deb` upgrades to
+    (same files, a higher version: dpkg runs the full upgrade path of the scripts)."""
+    tree = out / "tree"
+    run("dpkg-deb", "-R", str(deb), str(tree))
+    control = tree / "DEBIAN/control"
+    lines = [
+        f"Version: {version}" if line.startswith("Version:") else line
+        for line in control.read_text().splitlines()
+    ]
+    control.write_text("\n".join(lines) + "\n")
+    new = out / f"edge-agent_{version}.deb"
+    # Fast compression: the bytes inside are what matter to the upgrade, not how packed.
+    run("dpkg-deb", "--root-owner-group", "-Zgzip", "-z1", "--build", str(tree), str(new))
+    return new
+
+
+async def test_upgrade_keeps_the_config_and_the_queued_outbox(deb: Path, tmp_path: Path) -> None:
+    root = fresh_root(tmp_path)
+    await asyncio.to_thread(dpkg_install, root, deb)
+    old = run("dpkg-deb", "-f", str(deb), "Version").strip()
+    # The admin's config, and records queued while the upstream was away.
+    state = root / "var/lib/edge-agent"
+    conf = root / "etc/edge-agent/config.toml"
+    async with running_receiver(tmp_path / "rx.db", TOKEN) as rx:
+        agent_config(conf, state, rx.url, {})
+        edited = conf.read_text()
+        queued = make_records(25, entities=5)
+        async with Outbox(state / "outbox.db") as box:
+            await box.append(queued)
+        ids = queued_ids(state)  # as the outbox stamped them (chained version ids)
+        assert len(ids) == 25
+        newer = await asyncio.to_thread(bumped, deb, tmp_path, f"{old}+upgrade1")
+        out = await asyncio.to_thread(dpkg_install, root, newer)
+        status = (root / "var/lib/dpkg/status").read_text()
+        assert f"Version: {old}+upgrade1" in status, out
+        assert conf.read_text() == edited  # the conffile the admin changed is kept
+        assert queued_ids(state) == ids
+        # The upgraded agent sends what the old one had queued.
+        log = tmp_path / "agent.log"
+        async with agent_running(root, conf, log) as proc:
+
+            async def arrived() -> bool:
+                return await asyncio.to_thread(rx.store.count) == 25
+
+            await wait_until(arrived, proc, log)
+        got = {orjson.loads(b)["id"] for b in rx.store.page(None, None, 0, 100)[0]}
+        assert got == ids
