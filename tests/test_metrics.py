@@ -1,0 +1,203 @@
+"""Every metric family docs/operations.md lists exists on /metrics and moved, after a real
+run with all three source kinds delivering to the reference receiver.
+
+The list of families is read from the table in docs/operations.md ("### Metrics"), so
+docs and code cannot drift: a family in the docs but not served fails, and so does a
+served ``edge_agent_*`` family the docs do not list. The run: an MQTT source on a private
+mosquitto (one malformed message, quarantined), a Modbus source polling pymodbus's server
+(plus a device on a port nobody serves: its failed polls move the failure counter), an
+SQL source on SQLite, and the reference receiver refusing one record (a dead letter) and
+answering its first request too late (the retry meets duplicates).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent.receiver import Faults, running_receiver
+from tests.agent_harness import running_agent, settings_for
+from tests.agent_process import ModbusServerThread, modbus_source
+from tests.helpers.mosquitto import Mosquitto
+from tests.helpers.mqttpub import Publisher
+
+DOC = Path(__file__).parents[1] / "docs" / "operations.md"
+TOKEN = "metrics-upstream-token"
+
+# Families a healthy run cannot move, and what would: they must exist, not move.
+CANNOT_MOVE = {
+    "edge_agent_dropped_total": "retention drops need drop_oldest over the byte budget",
+    "edge_agent_outbox_write_errors_total": "needs a failing disk",
+    "edge_agent_source_inputs_dropped_total": "needs MQTT QoS 0 beyond max_held_bytes",
+    "edge_agent_source_restarts_total": "needs a source that crashes",
+    "edge_agent_device_overruns_total": "needs a poll longer than its interval",
+    "edge_agent_outbox_blocked_appends": "needs a full outbox (0 is its healthy value)",
+    "edge_agent_outbox_oldest_age_seconds": "0 once everything is delivered",
+    "edge_agent_outbox_rows": "0 once everything is delivered",
+    "edge_agent_outbox_bytes": "0 once everything is delivered",
+}
+
+
+def documented() -> dict[str, str]:
+    """``{family: type}`` from the metric table of docs/operations.md."""
+    text = DOC.read_text()
+    section = text[text.index("### Metrics") :]
+    section = section[: section.index("\n#", 1)]
+    rows = re.findall(r"^\| `(edge_agent_[a-z_]+)` \| (gauge|counter) \|", section, re.M)
+    return dict(rows)
+
+
+def test_the_docs_table_is_read() -> None:
+    families = documented()
+    assert len(families) >= 20, families
+    assert families["edge_agent_device_up"] == "gauge"
+    assert all(not n.endswith("_total") for n, t in families.items() if t == "gauge")
+
+
+def cmms(path: Path) -> str:
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE wo (wonum TEXT PRIMARY KEY, descr TEXT, changed_at TEXT)")
+    con.executemany(
+        "INSERT INTO wo VALUES (?, ?, '2026-01-01 00:00:00')",
+        [(f"WO-{i}", f"job {i}") for i in range(5)],
+    )
+    con.commit()
+    con.close()
+    return f"sqlite+aiosqlite:///file:{path}?mode=ro&uri=true"
+
+
+def sources(tmp: Path, broker: int, modbus: int) -> dict[str, Any]:
+    meters = modbus_source(modbus)
+    meters["devices"]["gone"] = {  # a unit id the simulator does not serve: no answer
+        "connection": "c",
+        "unit_id": 7,
+        "interval": "200ms",
+        "points": [{"name": "energy", "address": 0}],
+    }
+    return {
+        "feed": {
+            "type": "mqtt",
+            "host": "127.0.0.1",
+            "port": broker,
+            "client_id": "metrics-agent",
+            "subscriptions": [
+                {"topic": "site/{asset}/load", "points": [{"name": "load", "path": "kg"}]}
+            ],
+        },
+        "meters": meters,
+        "cmms": {
+            "type": "sql",
+            "profile": "declarative",
+            "url": cmms(tmp / "cmms.db"),
+            "initial_window": "3650d",
+            "entities": {
+                "work_orders": {
+                    "entity_type": "work_order",
+                    "table": "wo",
+                    "key": ["wonum"],
+                    "cursor": "changed_at",
+                    "fields": {"title": "descr"},
+                }
+            },
+        },
+    }
+
+
+def samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Family name (with ``_total`` for counters, as exposed) -> its samples."""
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        name = f"{family.name}_total" if family.type == "counter" else family.name
+        out[name] = [(s.labels, s.value) for s in family.samples if not s.name.endswith("_created")]
+    return out
+
+
+@pytest.mark.slow
+async def test_every_documented_metric_exists_and_moves(tmp_path: Path) -> None:
+    broker = Mosquitto(tmp_path / "mosquitto")
+    broker.start()
+    # One record refused (a dead letter); the first answer comes after the agent gave up
+    # waiting (read_timeout), so its retry meets records the upstream already holds.
+    faults = Faults(reject_pattern="WO-3", latency=3.0, latency_count=1)
+    try:
+        with ModbusServerThread() as modbus:
+            async with running_receiver(tmp_path / "rx.db", TOKEN, faults=faults) as rx:
+                settings = settings_for(
+                    tmp_path,
+                    upstream={
+                        "url": rx.url,
+                        "token": TOKEN,
+                        "backoff_cap": "1s",
+                        "read_timeout": "1s",
+                    },
+                    sources=sources(tmp_path, broker.port, modbus.port),
+                )
+                async with running_agent(settings) as agent:
+                    await moved(agent, broker.port)
+                    async with httpx.AsyncClient() as http:
+                        scraped = await http.get(f"http://{settings.api.listen}/metrics")
+    finally:
+        broker.stop()
+    assert scraped.status_code == 200
+    got = samples(scraped.text)
+    docs = documented()
+    missing = sorted(set(docs) - set(got))
+    assert not missing, f"documented but not served: {missing}"
+    undocumented = sorted(n for n in got if n.startswith("edge_agent_") and n not in docs)
+    assert not undocumented, f"served but not in docs/operations.md: {undocumented}"
+    still = sorted(
+        name
+        for name in docs
+        if name not in CANNOT_MOVE and not any(value > 0 for _, value in got[name])
+    )
+    assert not still, f"documented families that did not move in a real run: {still}"
+    # The per-device family tells the answering device from the silent one.
+    up = {labels["device"]: value for labels, value in got["edge_agent_device_up"]}
+    polls = {labels["device"]: value for labels, value in got["edge_agent_device_polls_total"]}
+    assert up["meter"] == 1.0
+    assert polls["meter"] > 0
+
+
+def publish(port: int) -> None:
+    with Publisher(port) as pub:
+        for i in range(5):
+            pub.publish(f"site/L{i}/load", f'{{"kg": {100 + i}}}')
+        pub.publish("site/L9/load", b"not json")  # quarantined
+
+
+async def moved(agent: Any, broker: int) -> None:
+    """Until every source produced, the upstream accepted and rejected, and the silent
+    Modbus device failed (bounded: a loaded CI machine is slow, not a timing assert).
+    MQTT messages are published until some arrive: the ones sent before the agent's
+    subscription exists are not kept by the broker."""
+
+    def ready(st: dict[str, Any]) -> bool:
+        src, up, box = st["sources"], st["upstream"]["records"], st["outbox"]
+        gone = src["meters"].get("devices", {}).get("gone", {})  # none before its start
+        return (
+            all(src[n]["records"] > 0 for n in ("feed", "meters", "cmms"))
+            and src["feed"]["quarantined"] > 0
+            and up["accepted"] > 0
+            and up["rejected"] > 0
+            and up["duplicates"] > 0
+            and box["dead_letters"] > 0
+            and gone.get("failures", 0) > 0
+            and gone.get("state") in {"demoted", "offline"}
+        )
+
+    st: dict[str, Any] = {}
+    try:
+        async with asyncio.timeout(120):
+            while not ready(st := await agent.status()):
+                if st["sources"]["feed"]["records"] == 0 and st["sources"]["feed"].get("connected"):
+                    await asyncio.to_thread(publish, broker)
+                await asyncio.sleep(0.2)
+    except TimeoutError:
+        raise AssertionError(f"not all moved: {st}") from None
