@@ -9,6 +9,7 @@ not a silently ignored setting.
 from __future__ import annotations
 
 import contextvars
+import grp
 import os
 import re
 import stat
@@ -167,7 +168,8 @@ def load_secret_file(value: Any) -> SecretFile:
     path = Path(value)
     try:
         text = path.read_text(encoding="utf-8").strip()
-        mode = path.stat().st_mode
+        st = path.stat()
+        mode = st.st_mode
     except OSError as exc:
         raise PydanticCustomError(
             "secret_file",
@@ -178,12 +180,25 @@ def load_secret_file(value: Any) -> SecretFile:
         raise PydanticCustomError(
             "secret_file", "secret file {path} is empty", {"path": repr(str(path))}
         )
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+    if mode & stat.S_IRWXO or (mode & stat.S_IRWXG and not _service_group(st.st_gid)):
         warn(
             f"secret file {str(path)!r} is readable by group or others "
-            f"(mode {stat.filemode(mode)}); run: chmod 600 {path}"
+            f"(mode {stat.filemode(mode)}); run: chmod 600 {path} (or chgrp "
+            f"{SERVICE_GROUP} {path} && chmod 640 {path})"
         )
     return SecretFile(path, SecretStr(text))
+
+
+SERVICE_GROUP = "edge-agent"
+"""The unit's ``Group=``: a secret readable by this group only is as intended
+(``root:edge-agent 0640``, docs/operations.md)."""
+
+
+def _service_group(gid: int) -> bool:
+    try:
+        return grp.getgrgid(gid).gr_name == SERVICE_GROUP
+    except KeyError:
+        return False
 
 
 def _existing_file(value: Any) -> Any:

@@ -186,3 +186,24 @@ def test_check_config_without_a_unit_says_the_service_check_was_skipped(
     assert main(["check-config", str(conf)]) == 0
     assert "not checked whether the service user can read" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "state", ignore_errors=True)
+
+
+def test_a_secret_readable_by_the_service_group_only_draws_no_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import grp  # noqa: PLC0415
+
+    from agent import configtypes  # noqa: PLC0415
+
+    secret = tmp_path / "upstream.token"
+    secret.write_text("t0ken\n")
+    # Stand-in for the edge-agent group: the group this test's files get.
+    monkeypatch.setattr(configtypes, "SERVICE_GROUP", grp.getgrgid(secret.stat().st_gid).gr_name)
+    data = {"upstream": {"url": "https://up.example", "token_file": str(secret)}}
+    secret.chmod(0o640)  # root:edge-agent 0640, as docs/operations.md says
+    assert cfg.parse(data)[1] == []
+    secret.chmod(0o644)  # others too
+    assert any("readable by group or others" in w for w in cfg.parse(data)[1])
+    monkeypatch.setattr(configtypes, "SERVICE_GROUP", "no-such-group-here")
+    secret.chmod(0o640)  # some other group
+    assert any("chmod 600" in w for w in cfg.parse(data)[1])
