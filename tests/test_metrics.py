@@ -6,8 +6,9 @@ docs and code cannot drift: a family in the docs but not served fails, and so do
 served ``edge_agent_*`` family the docs do not list. The run: an MQTT source on a private
 mosquitto (one malformed message, quarantined), a Modbus source polling pymodbus's server
 (plus a device on a port nobody serves: its failed polls move the failure counter), an
-SQL source on SQLite, and the reference receiver refusing one record (a dead letter) and
-answering its first request too late (the retry meets duplicates).
+SQL source on SQLite (a row edited without its change column and one deleted, for the
+reconciliation families), and the reference receiver refusing one record (a dead letter)
+and answering its first request too late (the retry meets duplicates).
 """
 
 from __future__ import annotations
@@ -97,6 +98,10 @@ def sources(tmp: Path, broker: int, modbus: int) -> dict[str, Any]:
             "profile": "declarative",
             "url": cmms(tmp / "cmms.db"),
             "initial_window": "3650d",
+            # Passes and content reconciliations every second: an edit that leaves the
+            # cursor alone (a drift) and a hard delete are found within the run.
+            "interval": "1s",
+            "reconcile_interval": "1s",
             "entities": {
                 "work_orders": {
                     "entity_type": "work_order",
@@ -140,7 +145,7 @@ async def test_every_documented_metric_exists_and_moves(tmp_path: Path) -> None:
                     sources=sources(tmp_path, broker.port, modbus.port),
                 )
                 async with running_agent(settings) as agent:
-                    await moved(agent, broker.port)
+                    await moved(agent, broker.port, tmp_path / "cmms.db")
                     async with httpx.AsyncClient() as http:
                         scraped = await http.get(f"http://{settings.api.listen}/metrics")
     finally:
@@ -172,7 +177,22 @@ def publish(port: int) -> None:
         pub.publish("site/L9/load", b"not json")  # quarantined
 
 
-async def moved(agent: Any, broker: int) -> None:
+def edit_behind_the_cursor(db: Path) -> None:
+    """What no feed sees: a row changed without its change column, and one deleted."""
+    con = sqlite3.connect(db)
+    con.execute("UPDATE wo SET descr = 'edited in place' WHERE wonum = 'WO-1'")
+    con.execute("DELETE FROM wo WHERE wonum = 'WO-2'")
+    con.commit()
+    con.close()
+
+
+def reconciled(st: dict[str, Any]) -> dict[str, Any]:
+    entity = st["sources"]["cmms"].get("entities", {}).get("work_orders", {})
+    rec: dict[str, Any] = entity.get("reconcile") or {}
+    return rec
+
+
+async def moved(agent: Any, broker: int, db: Path) -> None:
     """Until every source produced, the upstream accepted and rejected, and the silent
     Modbus device failed (bounded: a loaded CI machine is slow, not a timing assert).
     MQTT messages are published until some arrive: the ones sent before the agent's
@@ -190,12 +210,18 @@ async def moved(agent: Any, broker: int) -> None:
             and box["dead_letters"] > 0
             and gone.get("failures", 0) > 0
             and gone.get("state") in {"demoted", "offline"}
+            and (reconciled(st).get("totals") or {}).get("drifts", 0) > 0
+            and (reconciled(st).get("totals") or {}).get("deletes", 0) > 0
         )
 
     st: dict[str, Any] = {}
     try:
         async with asyncio.timeout(120):
+            edited = False
             while not ready(st := await agent.status()):
+                if not edited and reconciled(st).get("last_reconcile_at"):
+                    await asyncio.to_thread(edit_behind_the_cursor, db)
+                    edited = True
                 if st["sources"]["feed"]["records"] == 0 and st["sources"]["feed"].get("connected"):
                     await asyncio.to_thread(publish, broker)
                 await asyncio.sleep(0.2)
