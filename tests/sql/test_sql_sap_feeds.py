@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -21,6 +22,7 @@ from sqlalchemy.dialects import mssql, postgresql
 from agent import config as cfg
 from agent.errors import ConfigError
 from agent.outbox import Outbox
+from agent.receiver import Store
 from agent.sources.sql import SqlSourceConfig, profiles
 from agent.sources.sql.engine import Database
 from agent.sources.sql.model import Feed, Watermark, chunk_query
@@ -249,9 +251,7 @@ async def test_full_sync_reads_change_documents_from_their_watermark(
     its watermark instead of re-reading the whole change history. (Without reconciliation:
     with it, the whole re-read is the reconciliation pass's, and the feeds run as usual.)"""
     await seed(sap)
-    config = sql_config(
-        backend, include=["assets"], change_documents=True, reconcile_interval=None
-    )
+    config = sql_config(backend, include=["assets"], change_documents=True, reconcile_interval=None)
     source = make_source(config)
     try:
         await sap.change_document("EQUI", EQUNR, "0000400001", now() - timedelta(days=3))
@@ -335,22 +335,47 @@ async def test_same_second_status_changes_of_many_objects_across_chunks(
     assert status["work_orders"]["progress"]["stored"] == len(orders)
 
 
+class Upstream:
+    """The reference receiver's store, fed each pass's new records in outbox order (what
+    the forwarder would send), to read its latest version of every entity."""
+
+    def __init__(self, path: Path, box: Outbox) -> None:
+        self.store, self.box, self.sent = Store(path), box, 0
+
+    def deliver(self) -> dict[str, dict[str, Any]]:
+        """Send what was appended since the last call; the receiver's latest work orders."""
+        new = [r for r in outbox_records(self.box) if r["seq"] > self.sent]
+        if new:
+            self.store.ingest("test-agent", f"batch-{self.sent}", new)
+            self.sent = new[-1]["seq"]
+        return self.store.latest("sap-prd", "work_order")
+
+
 async def test_status_set_revoke_set_across_sync_boundaries(
-    backend: Backend, sap: SapDb, outbox: Outbox
+    backend: Backend, sap: SapDb, outbox: Outbox, tmp_path: Path
 ):
-    """A, B, A, B: each pass appends the new state (distinct version ids upstream are the
-    outbox's chained ids, tested with the outbox)."""
+    """A, B, A, B, one pass each: every transition is a version of its own (chained ids),
+    so the upstream's latest follows the source; with ids from content alone the third
+    would repeat the first's id and the upstream would stay at B."""
     objnr = await sap.order(AUFNR, aedat=day(-30))
     await recent_neighbour(sap)
+    upstream = Upstream(tmp_path / "rx.db", outbox)
     source = make_source(sql_config(backend, include=["work_orders"]))
+    seen = []
     try:
         await source.sync_once(outbox)
+        seen.append(upstream.deliver()[AUFNR]["data"]["status"])
         for chgnr, active in (("002", True), ("003", False), ("004", True)):
             await sap.set_status(objnr, "I0045", chgnr, now(), active=active)
             await source.sync_once(outbox)
+            seen.append(upstream.deliver()[AUFNR]["data"]["status"])
     finally:
         await source.aclose()
+        upstream.store.close()
     assert [s for s, _ in statuses(outbox)] == ["released", "completed", "released", "completed"]
+    assert seen == ["released", "completed", "released", "completed"]
+    ids = [r["id"] for r in outbox_records(outbox) if r["remote_id"] == AUFNR]
+    assert len(set(ids)) == 4
 
 
 # ---------------------------------------------------------------- deletion semantics
@@ -406,6 +431,7 @@ async def test_deletion_and_undeletion_per_entity(
     rid: str,
     how: str,
     where: str,
+    tmp_path: Path,
 ):
     """docs/sql-sources.md, "Deletion": a flag or DLFL gives op = delete; removing it
     brings the entity back as an upsert (each in one incremental pass)."""
@@ -414,20 +440,29 @@ async def test_deletion_and_undeletion_per_entity(
     await sap.insert("EKKO", {"EBELN": EBELN, "AEDAT": day(-30), "WAERS": "EUR"})
     keys = {"AUFK": {"AUFNR": rid}, "MARA": {"MATNR": rid}, "EKKO": {"EBELN": rid}}
     source = make_source(sql_config(backend, include=[entity]))
-    ops = []
-    try:
+    upstream = Upstream(tmp_path / "rx.db", outbox)
+    ops, received = [], []
+
+    async def sync() -> None:
         await source.sync_once(outbox)
         ops.append(latest(outbox, etype)[rid]["op"])
+        upstream.deliver()
+        received.append(upstream.store.latest("sap-prd", etype)[rid]["op"])
+
+    try:
+        await sync()
         for n, on in enumerate((True, False)):
             if how == "DLFL":
                 await sap.set_status(where, "I0076", f"{n + 2:03d}", now(), active=on)
             else:
                 await flag(sap, where, how, keys[where], "X" if on else "")
-            await source.sync_once(outbox)
-            ops.append(latest(outbox, etype)[rid]["op"])
+            await sync()
     finally:
         await source.aclose()
+        upstream.store.close()
     assert ops == ["upsert", "delete", "upsert"]
+    # The undeleted version has the first one's content; the upstream still takes it.
+    assert received == ["upsert", "delete", "upsert"]
 
 
 def compiled(stmt: Any, dialect: Any = None) -> str:
