@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.receiver import Faults, running_receiver
 from tests.agent_harness import running_agent, settings_for
 from tests.agent_process import ModbusServerThread, modbus_source
+from tests.helpers.cmms import declarative_source, sqlite_cmms
 from tests.helpers.mosquitto import Mosquitto
 from tests.helpers.mqttpub import Publisher
 
@@ -62,18 +63,6 @@ def test_the_docs_table_is_read() -> None:
     assert all(not n.endswith("_total") for n, t in families.items() if t == "gauge")
 
 
-def cmms(path: Path) -> str:
-    con = sqlite3.connect(path)
-    con.execute("CREATE TABLE wo (wonum TEXT PRIMARY KEY, descr TEXT, changed_at TEXT)")
-    con.executemany(
-        "INSERT INTO wo VALUES (?, ?, '2026-01-01 00:00:00')",
-        [(f"WO-{i}", f"job {i}") for i in range(5)],
-    )
-    con.commit()
-    con.close()
-    return f"sqlite+aiosqlite:///file:{path}?mode=ro&uri=true"
-
-
 def sources(tmp: Path, broker: int, modbus: int) -> dict[str, Any]:
     meters = modbus_source(modbus)
     meters["devices"]["gone"] = {  # a unit id the simulator does not serve: no answer
@@ -93,25 +82,11 @@ def sources(tmp: Path, broker: int, modbus: int) -> dict[str, Any]:
             ],
         },
         "meters": meters,
-        "cmms": {
-            "type": "sql",
-            "profile": "declarative",
-            "url": cmms(tmp / "cmms.db"),
-            "initial_window": "3650d",
-            # Passes and content reconciliations every second: an edit that leaves the
-            # cursor alone (a drift) and a hard delete are found within the run.
-            "interval": "1s",
-            "reconcile_interval": "1s",
-            "entities": {
-                "work_orders": {
-                    "entity_type": "work_order",
-                    "table": "wo",
-                    "key": ["wonum"],
-                    "cursor": "changed_at",
-                    "fields": {"title": "descr"},
-                }
-            },
-        },
+        # Passes and content reconciliations every second: an edit that leaves the cursor
+        # alone (a drift) and a hard delete are found within the run.
+        "cmms": declarative_source(
+            sqlite_cmms(tmp / "cmms.db"), interval="1s", reconcile_interval="1s"
+        ),
     }
 
 

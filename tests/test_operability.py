@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -22,40 +20,16 @@ from agent.errors import ConfigError
 from agent.outbox import Outbox
 from tests.agent_harness import running_agent, settings_for
 from tests.agent_process import base_config, cli, write_config
+from tests.helpers.cmms import declarative_source, sqlite_cmms
 
 TOKEN = "ops-api-token-77c1"
 
 
-def cmms_db(path: Path) -> Path:
-    con = sqlite3.connect(path)
-    con.execute("CREATE TABLE wo (wonum TEXT PRIMARY KEY, descr TEXT, changed_at TEXT)")
-    con.execute("INSERT INTO wo VALUES ('WO1', 'Door motor', '2026-01-01 00:00:00')")
-    con.commit()
-    con.close()
-    return path
-
-
-def sql_source(db: Path) -> dict[str, Any]:
-    return {
-        "type": "sql",
-        "profile": "declarative",
-        "url": f"sqlite+aiosqlite:///file:{db}?mode=ro&uri=true",
-        "initial_window": "3650d",
-        "entities": {
-            "work_orders": {
-                "entity_type": "work_order",
-                "table": "wo",
-                "key": ["wonum"],
-                "cursor": "changed_at",
-                "fields": {"title": "descr"},
-            }
-        },
-    }
-
-
 async def test_sync_of_an_unknown_entity_names_the_entity_not_the_source(tmp_path: Path) -> None:
     settings = settings_for(
-        tmp_path, api={"token": TOKEN}, sources={"cmms": sql_source(cmms_db(tmp_path / "c.db"))}
+        tmp_path,
+        api={"token": TOKEN},
+        sources={"cmms": declarative_source(sqlite_cmms(tmp_path / "c.db", rows=1))},
     )
     async with running_agent(settings) as agent:
         url = f"http://{settings.api.listen}"

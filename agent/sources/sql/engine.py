@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import structlog
 from sqlalchemy import event
@@ -29,6 +29,7 @@ from agent.sources.sql.config import SqlSourceConfig
 log = structlog.get_logger("agent.sources.sql")
 
 Row = dict[str, Any]
+_T = TypeVar("_T")
 
 # Per dialect: the statement that makes the whole session read-only.
 _READ_ONLY: dict[str, str] = {
@@ -194,15 +195,28 @@ class Database:
 
     async def fetch(self, stmt: Executable, params: Mapping[str, Any] | None = None) -> list[Row]:
         """Run one bounded query; rows as dicts. Raises TransientError/ReauthorizationRequired."""
+        return await self._run(stmt, params, _rows)
+
+    async def columns(self, stmt: Executable) -> list[str]:
+        """The column names of ``stmt``'s result (give it ``LIMIT 0``: no row is read).
+        Raises TransientError/ReauthorizationRequired as :meth:`fetch` does."""
+        return await self._run(stmt, None, _keys)
+
+    async def _run(
+        self,
+        stmt: Executable,
+        params: Mapping[str, Any] | None,
+        shape: Callable[[CursorResult[Any]], _T],
+    ) -> _T:
+        """Execute ``stmt`` within ``query_timeout``; ``shape`` makes the answer of its
+        result. Driver and connection errors are classified (one place for both uses)."""
         try:
             async with asyncio.timeout(self.timeout):
                 if self._sync is not None:
-                    return await asyncio.to_thread(self._fetch_sync, stmt, params)
+                    return await asyncio.to_thread(self._run_sync, stmt, params, shape)
                 assert self._async is not None
                 async with self._async.connect() as conn:
-                    result = await conn.execute(stmt, dict(params or {}))
-                    keys = list(result.keys())
-                    return [dict(zip(keys, r)) for r in _plain_rows(result)]  # noqa: B905
+                    return shape(await conn.execute(stmt, dict(params or {})))
         except TimeoutError:
             raise TransientError(f"query timed out after {self.timeout:.0f}s") from None
         except (DBAPIError, OSError, ConnectionError) as exc:
@@ -213,36 +227,15 @@ class Database:
                 raise classify(exc) from exc
             raise
 
-    async def columns(self, stmt: Executable) -> list[str]:
-        """The column names of ``stmt``'s result (give it ``LIMIT 0``: no row is read).
-        Raises TransientError/ReauthorizationRequired as :meth:`fetch` does."""
-        try:
-            async with asyncio.timeout(self.timeout):
-                if self._sync is not None:
-                    return await asyncio.to_thread(self._columns_sync, stmt)
-                assert self._async is not None
-                async with self._async.connect() as conn:
-                    return list((await conn.execute(stmt)).keys())
-        except TimeoutError:
-            raise TransientError(f"query timed out after {self.timeout:.0f}s") from None
-        except (DBAPIError, OSError, ConnectionError) as exc:
-            raise classify(exc) from exc
-        except Exception as exc:
-            if type(exc).__module__.split(".")[0] in {"asyncpg", "asyncmy", "aiosqlite"}:
-                raise classify(exc) from exc
-            raise
-
-    def _columns_sync(self, stmt: Executable) -> list[str]:
+    def _run_sync(
+        self,
+        stmt: Executable,
+        params: Mapping[str, Any] | None,
+        shape: Callable[[CursorResult[Any]], _T],
+    ) -> _T:
         assert self._sync is not None
         with self._sync.connect() as conn:
-            return list(conn.execute(stmt).keys())
-
-    def _fetch_sync(self, stmt: Executable, params: Mapping[str, Any] | None) -> list[Row]:
-        assert self._sync is not None
-        with self._sync.connect() as conn:
-            result = conn.execute(stmt, dict(params or {}))
-            keys = list(result.keys())
-            return [dict(zip(keys, r)) for r in _plain_rows(result)]  # noqa: B905
+            return shape(conn.execute(stmt, dict(params or {})))
 
     async def close(self) -> None:
         """Close every pooled connection."""
@@ -253,6 +246,15 @@ class Database:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self._sync.dispose)
         self._async = self._sync = None
+
+
+def _rows(result: CursorResult[Any]) -> list[Row]:
+    keys = list(result.keys())
+    return [dict(zip(keys, r)) for r in _plain_rows(result)]  # noqa: B905
+
+
+def _keys(result: CursorResult[Any]) -> list[str]:
+    return list(result.keys())
 
 
 def first_value(rows: Sequence[Row]) -> Any:
