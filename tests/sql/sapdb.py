@@ -53,16 +53,17 @@ def _column(table: str, name: str) -> Column[Any]:
         return Column(name, Float, nullable=False, server_default="0")
     if name in NUMBERS:
         return Column(name, NUMBERS[name], nullable=False, server_default="0")
-    length = 8 if name in DATES else 6 if name in TIMES else LENGTHS[name]
+    length = 8 if name in DATES else 6 if name in TIMES else LENGTHS.get(name, 20)
     default = "00000000" if name in DATES else "000000" if name in TIMES else " "
     return Column(name, String(length), primary_key=key, nullable=False, server_default=default)
 
 
-def metadata(schema: str | None) -> MetaData:
-    """Every profile table, as SAP defines it (NVARCHAR-style, NOT NULL with defaults)."""
+def metadata(schema: str | None, extra: dict[str, tuple[str, ...]] | None = None) -> MetaData:
+    """Every profile table, as SAP defines it (NVARCHAR-style, NOT NULL with defaults),
+    plus ``extra`` customer fields (Z-fields) per table."""
     md = MetaData(schema=schema)
     for table, cols in _COLUMNS.items():
-        Table(table, md, *(_column(table, c) for c in cols))
+        Table(table, md, *(_column(table, c) for c in (*cols, *(extra or {}).get(table, ()))))
     return md
 
 
@@ -79,9 +80,15 @@ def _default(name: str) -> Any:
 class SapDb:
     """Writes SAP rows the way SAP does (every column present, blanks not NULL)."""
 
-    def __init__(self, engine: AsyncEngine, schema: str | None, client: str = "100") -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        schema: str | None,
+        client: str = "100",
+        extra: dict[str, tuple[str, ...]] | None = None,
+    ) -> None:
         self.engine = engine
-        self.md = metadata(schema)
+        self.md = metadata(schema, extra)
         self.client = client
 
     async def create(self) -> None:
@@ -95,7 +102,7 @@ class SapDb:
 
     def row(self, table: str, values: dict[str, Any]) -> dict[str, Any]:
         """A full row: defaults for every column, MANDT = the client."""
-        out = {c: _default(c) for c in _COLUMNS[table]}
+        out = {c.name: _default(c.name) for c in self.table(table).columns}
         for client in ("MANDT", "MANDANT"):  # CDHDR names its client column MANDANT
             if client in out:
                 out[client] = self.client

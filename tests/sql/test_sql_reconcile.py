@@ -315,3 +315,25 @@ def _registry(collector: AgentCollector) -> CollectorRegistry:
     registry = CollectorRegistry()
     registry.register(collector)
     return registry
+
+
+async def test_a_customer_field_change_is_a_drift(backend: Backend, outbox: Outbox):
+    """A Z-field appended to AUFK (CI_AUFK), mapped as a custom field: read with the
+    header table, and its change, which no change date shows, found by reconciliation."""
+    sap = SapDb(backend.engine, backend.schema, extra={"AUFK": ("ZZCONTRACT",)})
+    await sap.create()
+    await orders(sap, ORDERS[:2])
+    aufk = sap.table("AUFK")
+    await sap.execute(update(aufk).values(ZZCONTRACT="C-1"))
+    mappings = {"work_orders": {"custom": {"zz_contract": "ZZCONTRACT"}}}
+    source = make_source(sql_config(backend, include=["work_orders"], mappings=mappings))
+    try:
+        await source.sync_once(outbox, reconcile=True)
+        assert latest(outbox, "work_order")[ORDERS[0]]["custom"] == {"zz_contract": "C-1"}
+        await sap.execute(update(aufk).where(aufk.c.AUFNR == ORDERS[0]).values(ZZCONTRACT="C-2"))
+        with capture_logs() as logs:
+            await source.sync_once(outbox, reconcile=True)
+    finally:
+        await source.aclose()
+    assert latest(outbox, "work_order")[ORDERS[0]]["custom"] == {"zz_contract": "C-2"}
+    assert drifts(logs)[ORDERS[0]]["fields"] == ["custom.zz_contract", "remote_data"]

@@ -6,21 +6,19 @@ import asyncio
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import delete, select, update
 
-from agent.outbox import AppendResult, Cursor, Outbox, Quarantined
-from agent.outbox_keys import KeySet
-from agent.records import Record
+from agent.outbox import Outbox
 from agent.sources.sql import SqlSource
 from agent.sources.sql.sync import SyncState
 from tests.helpers.waiting import wait_for
 from tests.sql.conftest import Backend, latest, make_source, outbox_records, sql_config
+from tests.sql.crash import CrashingOutput, PowerCut
 from tests.sql.sapdb import SapDb
 
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -28,39 +26,6 @@ BERLIN = ZoneInfo("Europe/Berlin")
 
 def sap_today() -> str:
     return datetime.now(BERLIN).strftime("%Y%m%d")
-
-
-class PowerCut(Exception):
-    """Stands for the process dying."""
-
-
-class CrashingOutput:
-    """The real outbox, but the process 'dies' around the n-th append."""
-
-    def __init__(self, box: Outbox, at: int, after_commit: bool) -> None:
-        self.box, self.at, self.after_commit, self.calls = box, at, after_commit, 0
-
-    async def append(
-        self,
-        records: Sequence[Record],
-        cursor: Cursor | None = None,
-        *,
-        dedupe: bool = False,
-        quarantine: Sequence[Quarantined] = (),
-    ) -> AppendResult:
-        self.calls += 1
-        if self.calls == self.at and not self.after_commit:
-            raise PowerCut
-        result = await self.box.append(records, cursor, dedupe=dedupe, quarantine=quarantine)
-        if self.calls == self.at:
-            raise PowerCut
-        return result
-
-    async def cursor(self, source: str, key: str) -> Any | None:
-        return await self.box.cursor(source, key)
-
-    def key_set(self, source: str, name: str) -> KeySet:
-        return self.box.key_set(source, name)
 
 
 @pytest.mark.parametrize("after_commit", [False, True])

@@ -97,17 +97,22 @@ class SqlSource(Source):
         in progress after a restart, else a new one); a ``full`` pass has one already.
         For tests, tools and one-shot runs; the database stays open until :meth:`aclose`.
         """
-        if not self._opened:
-            self.db.open()
-            for entity in self.entities.values():
-                await entity.load(out)
-            self._opened = True
+        await self.prepare(out)
         for name in entities or list(self.entities):
             entity = self.entities[name]
             await entity.run_pass(out, full=full)
             if reconcile and not (full and entity.reconciler.enabled):
                 await entity.reconcile(out)
         return self.sync_status()
+
+    async def prepare(self, out: Output) -> None:
+        """Open the database and restore every entity's state (once; :meth:`sync_once`
+        does it too). Then ``entities[name].reconcile(out)`` and the like may be called."""
+        if not self._opened:
+            self.db.open()
+            for entity in self.entities.values():
+                await entity.load(out)
+            self._opened = True
 
     async def aclose(self) -> None:
         """Close the database opened by :meth:`sync_once`."""

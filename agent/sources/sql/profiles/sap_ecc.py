@@ -27,6 +27,7 @@ are found by reconciliation (the table in docs/sql-sources.md).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -41,6 +42,7 @@ from agent.sources.sql.config import SqlSourceConfig
 from agent.sources.sql.engine import Database
 from agent.sources.sql.model import EntitySpec, Feed, Mapped, Row
 from agent.sources.sql.profiles.sap_tables import (
+    _COLUMNS,
     OPEN_END,
     Tables,
     day_start,
@@ -145,11 +147,36 @@ class StatusLookup:
         return {k: sorted(v) for k, v in out.items()}
 
 
+HEADERS = {"assets": "EQUI", "locations": "IFLOT", "work_orders": "AUFK",
+           "notifications": "QMEL", "readings": "IMRG", "parts": "MARA", "inventory": "MARD",
+           "purchase_orders": "EKKO"}  # fmt: skip
+"""The table of each entity that customer fields (CI_AUFK, CI_EQUI ... includes) extend."""
+_STANDARD = {c.upper() for cols in _COLUMNS.values() for c in cols}
+_FIELD_NAME = re.compile(r"^[A-Za-z_/][A-Za-z0-9_/]*$")
+
+
+def customer_fields(config: SqlSourceConfig) -> dict[str, list[str]]:
+    """Columns ``mappings.<entity>.custom`` names that no profile table has: Z-fields of the
+    entity's header table, selected with it (so ``custom = { zz_contract = "ZZCONTRACT" }``
+    reads AUFK.ZZCONTRACT). Standard columns come from the tables that hold them already."""
+    out: dict[str, list[str]] = {}
+    for entity, fmap in config.mappings.items():
+        table = HEADERS.get(entity)
+        if table is None:
+            continue
+        for col in fmap.custom.values():
+            name = col.upper()
+            mine = out.setdefault(table, [])
+            if name not in _STANDARD and _FIELD_NAME.match(name) and name not in mine:
+                mine.append(name)
+    return out
+
+
 class _Builder:
     """Shared pieces of every SAP entity: client filter, change feeds, status feed."""
 
     def __init__(self, config: SqlSourceConfig, db: Database) -> None:
-        self.t = Tables(config.db_schema)
+        self.t = Tables(config.db_schema, customer_fields(config))
         self.client = config.client
         wanted = config.change_documents
         self.change_documents = (

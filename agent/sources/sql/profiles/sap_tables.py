@@ -55,10 +55,12 @@ class Tables:
     """The profile's tables in the configured schema (one object per table, so joins
     of the same table name are one FROM entry)."""
 
-    def __init__(self, schema: str | None) -> None:
+    def __init__(self, schema: str | None, extra: dict[str, list[str]] | None = None) -> None:
         # Upper-case names are quoted by SQLAlchemy: they match SAP's upper-case DDIC names.
+        # ``extra``: customer fields (Z-fields) appended to a table, read like its own.
+        more = extra or {}
         self._t = {
-            name: table(name, *(column(c) for c in cols), schema=schema)
+            name: table(name, *(column(c) for c in (*cols, *more.get(name, ()))), schema=schema)
             for name, cols in _COLUMNS.items()
         }
 
