@@ -255,6 +255,8 @@ def service_warnings(settings: Any, config_file: Path | None, view: ServiceView)
     if config_file is not None:
         files.insert(0, ("(config file)", config_file.resolve()))
     for key, path in files:
+        if not path.exists():
+            continue  # reported already (a problem, or a disabled source's warning)
         directory = path.is_dir()
         if (why := view.hidden(path)) is not None:
             out.append(f"{key}: {str(path)!r} is invisible to the service: {why}")

@@ -207,3 +207,23 @@ def test_a_secret_readable_by_the_service_group_only_draws_no_warning(
     monkeypatch.setattr(configtypes, "SERVICE_GROUP", "no-such-group-here")
     secret.chmod(0o640)  # some other group
     assert any("chmod 600" in w for w in cfg.parse(data)[1])
+
+
+def test_service_warnings_skip_files_a_disabled_source_lacks(tmp_path: Path) -> None:
+    data = base_config(tmp_path)
+    data["sources"] = {
+        "cmms": {
+            "type": "sql",
+            "enabled": False,
+            "profile": "declarative",
+            "url": "sqlite+aiosqlite:////nonexistent/cmms.db?mode=ro",
+            "entities": {
+                "wo": {"entity_type": "work_order", "table": "wo", "key": ["k"], "cursor": "c"}
+            },
+        }
+    }
+    settings, _ = cfg.parse(data, checks=[preflight.start_problems])
+    view = preflight.ServiceView.from_system(fake_root(tmp_path))
+    assert view is not None
+    warnings = preflight.service_warnings(settings, None, view)  # no traceback
+    assert not any("nonexistent" in w for w in warnings), warnings
