@@ -136,7 +136,7 @@ class MuteProxy:
 GARBAGE = bytes.fromhex("deadbeef") * 4  # protocol id 0xbeef: no Modbus TCP frame at all
 FAULTS = (
     "silent", "wrong_tid", "wrong_unit", "garbage", "truncated", "malformed",
-    "wrong_function", "short", "late", "babble", "drop",
+    "wrong_function", "short", "late", "babble", "drop", "flood",
 )  # fmt: skip
 """What :class:`FaultyGateway` can do to a unit, besides ``exception:<code>``."""
 
@@ -157,7 +157,9 @@ class FaultyGateway:
     count beyond the frame); ``wrong_function`` the right data under function code 4 for
     a read of holding registers; ``short`` one register less than asked; ``late`` the
     right answer, ``late_by`` seconds later; ``babble`` garbage every 5 ms from then on;
-    ``drop`` resets the connection. :meth:`drop_connections` resets every client
+    ``drop`` resets the connection; ``flood`` sends well-formed frames of another
+    transaction as fast as the client reads, from then on (``flooded`` counts the bytes).
+    :meth:`drop_connections` resets every client
     connection: an injected transport fault. ``faults`` may be changed while running.
     """
 
@@ -168,6 +170,7 @@ class FaultyGateway:
         self.requests: Counter[int] = Counter()
         self.connections = 0
         self.dropped = 0
+        self.flooded = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -216,6 +219,8 @@ class FaultyGateway:
                     break
                 if fault == "babble":
                     self._spawn(self._babble(writer))
+                if fault == "flood":
+                    self._spawn(self._flood(writer, unit))
                 if answer is None:
                     continue
                 if fault == "late":
@@ -238,6 +243,14 @@ class FaultyGateway:
             writer.write(GARBAGE)
             await asyncio.sleep(0.005)
 
+    async def _flood(self, writer: asyncio.StreamWriter, unit: int) -> None:
+        block = mbap(0xBEEF, unit, bytes([3, 2, 0, 0])) * 8192  # 88 KiB of frames
+        with contextlib.suppress(OSError):
+            while not writer.is_closing():
+                writer.write(block)
+                await writer.drain()
+                self.flooded += len(block)
+
     async def _later(self, writer: asyncio.StreamWriter, answer: bytes) -> None:
         await asyncio.sleep(self.late_by)
         if not writer.is_closing():
@@ -253,7 +266,7 @@ class FaultyGateway:
         up_writer: asyncio.StreamWriter,
     ) -> bytes | None:
         function = pdu[0]
-        if fault in {"silent", "babble", "drop"}:
+        if fault in {"silent", "babble", "drop", "flood"}:
             return None
         if fault.startswith("exception:"):
             return mbap(tid, unit, bytes([function | 0x80, int(fault.split(":")[1])]))

@@ -2,31 +2,28 @@
 
 A :class:`Line` owns a pymodbus client and watches it through pymodbus's public trace
 hooks (bytes received, PDUs sent, connection lost), so that a failed request can be told
-apart by cause, and a unit's fault is never mistaken for a broken connection:
+apart by cause, and a unit's fault is never mistaken for a broken connection.
 
-=====================  ===========================================  ======================
-fault kind             what pymodbus 3.16 does                      what the line does
-=====================  ===========================================  ======================
-``exception``          returns an ``ExceptionResponse``             unit fault
-``timeout``            no byte came: ``ModbusIOException`` after    unit fault (RTU: then
-                       ``timeout``                                  a resync, see below)
-``wrong_transaction``  the framer skips a frame whose transaction   unit fault; a frame
-``_id``                id is not the request's; then times out      matching an earlier
-                                                                    timed-out request is a
-                                                                    late answer, not a fault
-``wrong_unit_id``      the framer skips a frame of another unit     unit fault
-``garbage``            bytes that form no frame stay in its         unit fault, resync
-                       buffer (cleared at the next send) until
-                       ``timeout``
-``malformed``          a well-framed PDU it cannot decode: raises   unit fault: a tolerant
-                       inside ``data_received``, and asyncio then   decoder hands it back
-                       closes the transport                         as :class:`Undecodable`
-``wrong_function``     returns the PDU of that function code        unit fault
-                       (function 4 decodes as input registers)
-``wrong_length``       returns fewer or more registers/bits         unit fault
-connection lost        the pending request waits for its timeout    :class:`LineDown` at
-                       (nothing fails it)                           once (trace hook)
-=====================  ===========================================  ======================
+Fault kinds, what pymodbus 3.16 does with each (read from its transaction, framer and
+decoder code), and what the line does:
+
+- ``exception``: pymodbus returns an ``ExceptionResponse``. A unit fault.
+- ``timeout``: no byte came; ``ModbusIOException`` after ``timeout``. A unit fault (on
+  RTU framing followed by a resync, see below).
+- ``wrong_transaction_id``: the framer skips a frame whose transaction id is not the
+  request's, then times out. A unit fault; a frame of an earlier request that timed out
+  is a late answer (counted), not a fault of the unit now asked.
+- ``wrong_unit_id``: the framer skips a frame of another unit, then times out.
+- ``garbage``: bytes that form no frame stay in pymodbus's buffer (emptied at the next
+  send) until ``timeout``. A unit fault, then a resync.
+- ``malformed``: a well-framed PDU pymodbus cannot decode raises inside
+  ``data_received``, and asyncio then closes the transport. :class:`TolerantDecoder`
+  hands it back as :class:`Undecodable`: a unit fault.
+- ``wrong_function``: the PDU of that function code is returned (function 4 decodes as
+  input registers for a read of holding registers). A unit fault.
+- ``wrong_length``: fewer or more registers (bits) than asked are returned. A unit fault.
+- connection lost: the pending request waits out its timeout (nothing fails it); the
+  connection hook ends it at once with :class:`LineDown`.
 
 Resync without reconnect is safe when the byte stream is still aligned on frames: Modbus
 TCP frames carry their length and transaction id, pymodbus empties its receive buffer
@@ -62,6 +59,10 @@ RESYNC_QUIET = 0.05
 """Seconds without a received byte after which a garbled stream counts as quiet (about 50
 characters at 9600 baud, well over the 3.5 character times that end an RTU frame)."""
 LATE_TIDS = 32  # transaction ids of timed-out requests remembered to recognise late answers
+FRAMES_SEEN = 64  # frame heads kept per attempt: enough to classify, bounded on a flood
+FLOOD_BYTES = 8 * 260
+"""More bytes than this for one request (eight of the largest Modbus frames) is no Modbus
+conversation: the peer floods, and only a new connection stops what is in flight."""
 
 Client = AsyncModbusTcpClient | AsyncModbusSerialClient
 
@@ -79,14 +80,18 @@ class Fault(Exception):
 
     ``kind`` is one of the kinds in the module docstring (status ``errors`` counts them),
     ``code`` the exception code of an ``exception``, ``resync`` whether the stream may
-    hold bytes of no frame, ``retry`` whether another attempt may help (the answer was
-    lost or garbled, not wrong)."""
+    hold bytes of no frame, ``flood`` whether the peer sent more than ``FLOOD_BYTES``
+    for the request, ``retry`` whether another attempt may help (the answer was lost or
+    garbled, not wrong)."""
 
-    def __init__(self, kind: str, message: str, *, code: int = 0, resync: bool = False) -> None:
+    def __init__(
+        self, kind: str, message: str, *, code: int = 0, resync: bool = False, flood: bool = False
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.code = code
         self.resync = resync
+        self.flood = flood
         self.retry = kind in {"timeout", "garbage", "wrong_transaction_id", "wrong_unit_id"}
 
 
@@ -116,11 +121,13 @@ class TolerantDecoder(DecodePDU):
 
 @dataclass(frozen=True, slots=True)
 class Hooks:
-    """pymodbus's trace callbacks, through which a :class:`Line` watches its client."""
+    """pymodbus's trace callbacks, through which a :class:`Line` watches its client,
+    and ``received``, called with the size of every chunk the transport delivers."""
 
     packet: Callable[[bool, bytes], bytes]
     pdu: Callable[[bool, ModbusPDU], ModbusPDU]
     connect: Callable[[bool], None]
+    received: Callable[[int], None]
 
 
 def make_client(conf: ConnectionConfig, hooks: Hooks) -> Client:
@@ -149,7 +156,19 @@ def make_client(conf: ConnectionConfig, hooks: Hooks) -> Client:
         assert conf.host is not None
         framer = FramerType.SOCKET if conf.transport == "tcp" else FramerType.RTU
         client = AsyncModbusTcpClient(conf.host, port=conf.port, framer=framer, **common)
+    # pymodbus 3.16 attributes (ctx.framer.decoder and ctx.data_received here,
+    # ctx.recv_buffer in Line._no_answer); tests/test_modbus_isolation.py pins the
+    # behaviour they rely on.
     client.ctx.framer.decoder = TolerantDecoder(is_server=False)
+    # trace_packet misses what pymodbus throws away unseen (a receive buffer over 264
+    # bytes is emptied before framing): count every chunk, so a flood is not "silence".
+    deliver = client.ctx.data_received
+
+    def data_received(data: bytes) -> None:
+        hooks.received(len(data))
+        deliver(data)
+
+    client.ctx.data_received = data_received  # type: ignore[method-assign]
     # pymodbus closes the connection after a few unanswered requests; a silent unit is
     # not a dead line, so the poller decides that (see .poller).
     client.set_max_no_responses(1 << 30)
@@ -182,7 +201,8 @@ class Line:
         self._client: Client | None = None
         self._deadline: asyncio.Timeout | None = None
         self._tcp = config.transport == "tcp"
-        self._rx_events = 0
+        self._rx_bytes = 0
+        self._attempt_rx = 0  # _rx_bytes when the current attempt began
         self._frames: list[tuple[int, int]] = []  # (transaction id, unit) seen this attempt
         self._last_rx = 0.0
         self._sent_tid = 0
@@ -198,7 +218,8 @@ class Line:
     async def open(self) -> None:
         """Connect a new client; raise :class:`LineDown` when that fails."""
         self.close()
-        client = self._factory(self.config, Hooks(self._on_packet, self._on_pdu, self._on_lost))
+        hooks = Hooks(self._on_packet, self._on_pdu, self._on_lost, self._on_received)
+        client = self._factory(self.config, hooks)
         try:
             async with asyncio.timeout(self.config.timeout + 1):
                 ok = await client.connect()
@@ -224,11 +245,11 @@ class Line:
         if client is None or not client.connected:
             raise LineDown("not connected")
         read = getattr(client, _READ[request.table])
-        rx_before = self._rx_events
+        rx_before = self._attempt_rx = self._rx_bytes
         self._frames.clear()
         try:
-            # pymodbus gives up after `timeout`; this is the backstop, and the lost-
-            # connection hook moves it to now (pymodbus itself would wait out `timeout`).
+            # pymodbus gives up after `timeout`; this is the backstop, and the hooks move
+            # it to now when the connection is lost or floods (pymodbus would wait).
             async with asyncio.timeout(self.config.timeout * 2 + 1) as deadline:
                 self._deadline = deadline
                 answer = await read(request.start, count=request.count, device_id=unit)
@@ -246,14 +267,15 @@ class Line:
     async def resync(self) -> bool:
         """Wait until the peer has sent nothing for ``RESYNC_QUIET`` (the next request's
         send then drops what pymodbus buffered); False if it never went quiet within
-        ``timeout``."""
+        ``timeout``, or sent more than ``FLOOD_BYTES`` meanwhile."""
         give_up = time.monotonic() + self.config.timeout
+        flood_at = self._rx_bytes + FLOOD_BYTES
         while True:
             now = time.monotonic()
             quiet_at = self._last_rx + RESYNC_QUIET
             if now >= quiet_at:
                 return True
-            if now >= give_up:
+            if now >= give_up or self._rx_bytes > flood_at:
                 return False
             await asyncio.sleep(min(quiet_at, give_up) - now)
 
@@ -262,12 +284,16 @@ class Line:
     def _no_answer(self, client: Client, unit: int, rx_before: int) -> Fault:
         """Why a request got no answer it could use, from what arrived meanwhile."""
         sent = self._sent_tid
-        silent = self._rx_events == rx_before
+        received = self._rx_bytes - rx_before
         left = client.ctx.recv_buffer  # what pymodbus could not frame
         mine = [u for t, u in self._frames if t == sent]
         foreign = [t for t, _ in self._frames if t != sent and t not in self._timed_out]
         self._timed_out.append(sent)
-        if silent or (self._tcp and self._frames and not (left or mine or foreign)):
+        if received > FLOOD_BYTES:
+            return Fault(
+                "garbage", f"{received} bytes for one request: a flood", resync=True, flood=True
+            )
+        if not received or (self._tcp and self._frames and not (left or mine or foreign)):
             # nothing, or only late answers to earlier requests (already skipped)
             return Fault("timeout", "no answer (timeout)", resync=not self._tcp)
         if left or not self._tcp:
@@ -318,12 +344,15 @@ class Line:
 
     # ------------------------------------------------------------ pymodbus hooks
 
+    def _on_received(self, size: int) -> None:
+        self._rx_bytes += size
+        self._last_rx = time.monotonic()
+        if self._rx_bytes - self._attempt_rx > FLOOD_BYTES:
+            self._end_attempt()
+
     def _on_packet(self, sending: bool, data: bytes) -> bytes:
-        if not sending:
-            self._rx_events += 1
-            self._last_rx = time.monotonic()
-            if self._tcp:
-                self._frames += mbap_heads(data)
+        if not sending and self._tcp and len(self._frames) < FRAMES_SEEN:
+            self._frames += mbap_heads(data)  # `data` is pymodbus's whole receive buffer
         return data
 
     def _on_pdu(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU:
@@ -332,6 +361,11 @@ class Line:
         return pdu
 
     def _on_lost(self, connected: bool) -> None:
+        if not connected:
+            self._end_attempt()
+
+    def _end_attempt(self) -> None:
+        """End the request in flight now (its outcome is classified as usual)."""
         deadline = self._deadline
-        if not connected and deadline is not None and not deadline.expired():
+        if deadline is not None and not deadline.expired():
             deadline.reschedule(asyncio.get_running_loop().time())

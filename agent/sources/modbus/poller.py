@@ -18,8 +18,8 @@ bounded and good units go first:
   flight.
 * A unit's fault is not the line's (:mod:`.line` tells them apart). The connection is
   re-opened only when the transport broke, when the byte stream cannot be resynchronised
-  (a peer that never goes quiet, or ``GARBLED_BEFORE_REOPEN`` garbled answers in a row
-  with no good frame between), or when no unit answers at all (every unit failed its
+  (a peer that floods or never goes quiet, or ``GARBLED_BEFORE_REOPEN`` garbled answers
+  in a row with no good frame between), or when no unit answers at all (every unit failed its
   latest poll and the last ``SILENT_BEFORE_REOPEN`` requests got no byte back: a wedged
   gateway). pymodbus's own auto-reconnect and "close after N silent requests" are off.
   After a re-open that brings no answer, the next one waits (full-jitter backoff).
@@ -419,10 +419,13 @@ class ConnectionWorker:
             self._answered = True
         elif fault.kind == "garbage":
             self._garbled += 1
+        if fault.flood:
+            self._reopen("garbage", str(fault))
+            return
         if fault.resync:
             self.resyncs += 1
             if not await self._line.resync():
-                self._reopen("garbage", f"the peer kept sending after {fault}")
+                self._reopen("garbage", f"the peer kept sending after: {fault}")
                 return
         if self._garbled >= GARBLED_BEFORE_REOPEN:
             self._reopen("garbage", f"{self._garbled} garbled answers in a row: {fault}")
