@@ -14,7 +14,14 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
-from agent.configtypes import Duration, PositiveDuration, SecretFilePath, Section, at_least
+from agent.configtypes import (
+    ByteSize,
+    Duration,
+    PositiveDuration,
+    SecretFilePath,
+    Section,
+    at_least,
+)
 from agent.records import EntityType
 from agent.rules.config import RuleConfig
 from agent.sources.base import SourceConfig
@@ -293,6 +300,12 @@ class SqlSourceConfig(SourceConfig):
     ``delete`` records. Unset: never (hard deletes are then never found)."""
     chunk_size: int = Field(default=5000, ge=1, le=100_000)
     """Rows per query and per outbox transaction; memory stays flat at any table size."""
+    chunk_max_bytes: ByteSize = Field(default=8 << 20, ge=64 << 10)
+    """Most bytes of row data (text and binary values) per query: a chunk has fewer rows
+    than ``chunk_size`` when rows are wide (long texts, CLOBs, blobs). Each query's row
+    count comes from the widest row of the previous chunk (the first query of a feed
+    reads one row to learn it), so memory stays flat at any row width too, for tables
+    whose rows do not suddenly grow wider than before; a single row is read whole."""
     mappings: dict[str, FieldMapping] = Field(default_factory=dict)
     """Field mappings per entity name: ``[sources.<name>.mappings.work_orders]``."""
     retry_initial: PositiveDuration = 5.0
