@@ -11,7 +11,6 @@ tests/helpers/rss.py) stays within a few MiB while it sends tens of MiB.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +20,7 @@ import pytest
 from agent.sources.base import SourceContext
 from agent.sources.modbus import ModbusConfig, ModbusSource
 from tests.helpers.rss import MIB, RssPeak
+from tests.helpers.tcppeer import TcpPeer
 from tests.helpers.waiting import wait_for
 from tests.modbus_sim import MemoryOutput, running
 
@@ -48,47 +48,22 @@ def _a_frame_that_never_ends(request: bytes) -> bytes:
     return struct.pack(">HHHB", tid, 0, 0xFFFF, 1) + b"\x03" * 65529
 
 
-class Flood:
+class Flood(TcpPeer):
     """A TCP device that answers anything with an endless stream of ``chunk(request)``."""
 
     def __init__(self, chunk: Callable[[bytes], bytes]) -> None:
+        super().__init__()
         self.chunk = chunk
         self.sent = 0
-        self.connections = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self.connections += 1
-        try:
-            request = await reader.readexactly(12)  # MBAP + read request
-            while True:
-                data = self.chunk(request)
-                writer.write(data)
-                await writer.drain()
-                self.sent += len(data)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # the agent closed the connection: a flood is a reason to
-        finally:
-            self._tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Until the agent hangs up (a flood is a reason to)."""
+        request = await reader.readexactly(12)  # MBAP + read request
+        while True:
+            data = self.chunk(request)
+            writer.write(data)
+            await writer.drain()
+            self.sent += len(data)
 
 
 def _config(port: int) -> ModbusConfig:

@@ -9,12 +9,12 @@ stops reading and closes ends it. It records each request's ``X-Request-ID``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import struct
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from types import TracebackType
+from dataclasses import dataclass
+
+from tests.helpers.tcppeer import TcpPeer
 
 MIB = 1 << 20
 CHUNK = 64 << 10
@@ -71,53 +71,23 @@ def sliced(data: bytes) -> Callable[[], Iterator[bytes]]:
     return lambda: (data[i : i + CHUNK] for i in range(0, len(data), CHUNK))
 
 
-@dataclass
-class RawUpstream:
+class RawUpstream(TcpPeer):
     """``async with RawUpstream(answer) as up``: ``up.url``, ``up.request_ids``."""
 
-    answer: Answer
-    request_ids: list[str] = field(default_factory=list)
-    port: int = 0
-    _server: asyncio.Server | None = None
-    _handlers: set[asyncio.Task[None]] = field(default_factory=set)
+    def __init__(self, answer: Answer) -> None:
+        super().__init__()
+        self.answer = answer
+        self.request_ids: list[str] = []
 
     @property
     def url(self) -> str:
         """The base URL to configure as ``upstream.url``."""
         return f"http://127.0.0.1:{self.port}"
 
-    async def __aenter__(self) -> RawUpstream:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._handlers):
-            task.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
-        await self._server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
-        try:
-            while await self._one(reader, writer):
-                pass
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass  # the client gave up on the answer (what the agent must do)
-        finally:
-            self._handlers.discard(task)
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer requests until one answer ends with the connection."""
+        while await self._one(reader, writer):
+            pass
 
     async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Serve one request; False when the connection is to be closed."""

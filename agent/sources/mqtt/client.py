@@ -1,6 +1,6 @@
 """The MQTT client adapter: the one module that reaches into aiomqtt's and paho's internals.
 
-aiomqtt 2.x (pinned ``<3``) drives paho 2.x (pinned ``<3``) on the event loop. The source
+aiomqtt 2.x (pinned ``<3``) drives paho 2.2 (pinned ``2.2.*``) on the event loop. The source
 needs three things neither offers as an API; each private access below says why it is
 needed, and nothing outside this module touches a private attribute of either library.
 
