@@ -130,6 +130,11 @@ def canonical_json(value: Any) -> bytes:
 _last_time: tuple[object, str] = (object(), "")
 
 
+def _to_utc(value: datetime) -> datetime:
+    """``value`` in UTC (tzinfo ``UTC``); a naive value is taken as UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
 def format_time(value: datetime) -> str:
     """Format a datetime as RFC 3339 UTC with milliseconds (naive values are taken as UTC)."""
     global _last_time  # noqa: PLW0603 - a one-entry cache
@@ -138,7 +143,7 @@ def format_time(value: datetime) -> str:
         return last[1]
     given = value
     if value.tzinfo is not UTC:
-        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        value = _to_utc(value)
     if value.year >= 1000:  # isoformat is ~5x faster than strftime; same text for 4-digit years
         text = iso_utc(value)
     else:
@@ -157,9 +162,6 @@ def iso_utc(value: datetime) -> str:
     return text[:23] + "Z" if value.microsecond else text[:19] + ".000Z"
 
 
-_last_observed: tuple[object, str] = (object(), "")
-
-
 def format_observed(value: datetime) -> str:
     """An observation time as RFC 3339 UTC with microseconds: ``YYYY-MM-DDTHH:MM:SS.ffffffZ``.
 
@@ -168,23 +170,15 @@ def format_observed(value: datetime) -> str:
     of one point with one time. Always six digits and a four-digit year (naive values
     are taken as UTC), so the text sorts as the time does and has one length.
     """
-    global _last_observed  # noqa: PLW0603 - a one-entry cache (a poll shares one time)
-    last = _last_observed
-    if last[0] is value:
-        return last[1]
-    given = value
     if value.tzinfo is not UTC:
-        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        value = _to_utc(value)
     if value.year >= 1000:  # isoformat: YYYY-MM-DDTHH:MM:SS[.ffffff]+00:00
         text = value.isoformat()
-        text = text[:26] + "Z" if value.microsecond else text[:19] + ".000000Z"
-    else:
-        text = (
-            f"{value.year:04d}-{value.month:02d}-{value.day:02d}T{value.hour:02d}:"
-            f"{value.minute:02d}:{value.second:02d}.{value.microsecond:06d}Z"
-        )
-    _last_observed = (given, text)
-    return text
+        return text[:26] + "Z" if value.microsecond else text[:19] + ".000000Z"
+    return (
+        f"{value.year:04d}-{value.month:02d}-{value.day:02d}T{value.hour:02d}:"
+        f"{value.minute:02d}:{value.second:02d}.{value.microsecond:06d}Z"
+    )
 
 
 _ONE_US = timedelta(microseconds=1)
