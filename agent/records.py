@@ -326,34 +326,44 @@ _PRECISION_JSON: dict[str, bytes] = {
 }
 
 
-def _envelope_json(rec: Record, parts: tuple[bytes, bytes, bytes | None]) -> bytes:
-    """``canonical_json(rec.envelope())`` spliced from parts (hot path: every record).
+_READING_TAIL = b',"modified_precision":"second","observed_at":'
+_UPSERT_JSON = b',"op":"upsert"'
 
-    Only for records made by :meth:`Record.entity` and :meth:`Record.reading`: their
-    ``id``, ``entity_id`` and ``content_hash`` are hex digits and dashes (nothing to
-    escape). ``parts`` is the canonical JSON of data, custom and remote_data, shared
-    with the content hash. Keys come in sorted order, as ``OPT_SORT_KEYS`` writes them;
-    every other string goes through orjson. The golden tests compare this with
-    ``canonical_json``.
+
+def _reading_json(  # noqa: PLR0917 - positional: the hot path of every reading
+    rid: str,
+    eid: str,
+    entity_type: EntityType,
+    source: SourceRef,
+    point: str,
+    at: str,
+    chash: str,
+    parts: tuple[bytes, bytes, bytes | None],
+) -> bytes:
+    """``canonical_json(envelope())`` of a reading, spliced from its parts (hot path).
+
+    ``rid``, ``eid`` and ``chash`` are hex digits and dashes, ``at`` digits and
+    punctuation (nothing to escape); ``parts`` is the canonical JSON of data, custom and
+    remote_data, shared with the content hash. Keys come in sorted order, as
+    ``OPT_SORT_KEYS`` writes them; every other string goes through orjson. The golden
+    tests compare this with ``canonical_json``.
     """
     data, custom, remote_data = parts
-    dumps = orjson.dumps
-    precision = rec.modified_precision
+    at_json = b'"' + at.encode() + b'"'
     return b"".join(
         (
-            b'{"content_hash":"', rec.content_hash.encode(),
+            b'{"content_hash":"', chash.encode(),
             b'","custom":', custom,
             b',"data":', data,
-            b',"entity_id":"', rec.entity_id.encode(),
-            b'","entity_type":', _TYPE_JSON.get(rec.entity_type) or dumps(str(rec.entity_type)),
-            b',"id":"', rec.id.encode(),
-            b'","modified_precision":', _PRECISION_JSON.get(precision) or dumps(precision),
-            b',"observed_at":', dumps(rec.observed_at),
-            b',"op":', _OP_JSON.get(rec.op) or dumps(str(rec.op)),
+            b',"entity_id":"', eid.encode(),
+            b'","entity_type":', _TYPE_JSON.get(entity_type) or orjson.dumps(str(entity_type)),
+            b',"id":"', rid.encode(), b'"',
+            _READING_TAIL, at_json,
+            _UPSERT_JSON,
             b"" if remote_data is None else b',"remote_data":', remote_data or b"",
-            b',"remote_id":', dumps(rec.remote_id),
-            b',"source":', rec.source._json,
-            b',"source_modified_at":', dumps(rec.source_modified_at),
+            b',"remote_id":', orjson.dumps(point),
+            b',"source":', source._json,
+            b',"source_modified_at":', at_json,
             b"}",
         )
     )  # fmt: skip
@@ -457,12 +467,11 @@ class Record:
             else f"{source.name}:{point}:{at}~{stamped}:{chash}"
         )
         eid = _entity_id(source.name, entity_type, point)
-        rec = cls(
+        body = _reading_json(rid, eid, entity_type, source, point, at, chash, (d, c, r))
+        return _new_record(
             rid, eid, entity_type, Op.UPSERT, source, point, at, chash,
-            data, custom, remote_data, at, "second",
+            data, custom, remote_data, at, "second", body, -1,
         )  # fmt: skip
-        object.__setattr__(rec, "_json", _envelope_json(rec, (d, c, r)))
-        return rec
 
     @property
     def retention(self) -> RetentionClass:
