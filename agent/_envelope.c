@@ -16,9 +16,11 @@
  *   envelope     = the canonical JSON of the record (sorted keys), spliced from the
  *                  parts the caller encoded (orjson) and the three values above.
  *
- * chain() is the outbox writer's step (records.chain_python is its reference): the
- * chained id uuid5(ns, entity_id + ":" + content_hash + ":" + prev), and the envelope
- * with it in place of the provisional id, whose offset the builder knows.
+ * link() is the outbox writer's loop over one append (records.link_python is its
+ * reference): per entity version, dedupe against the entity's last version, then the
+ * chained id uuid5(ns, entity_id + ":" + content_hash + ":" + prev), once it has checked
+ * that the envelope holds the provisional id where the builder said (the writer then
+ * writes the chained id there).
  *
  * Digests come from OpenSSL's libcrypto (EVP), the library CPython's hashlib uses.
  * The caller holds the GIL throughout and nothing here calls back into Python, so one
@@ -216,10 +218,10 @@ ssl_error:
 
 /* A str argument's UTF-8 (for ASCII text, CPython's own buffer: no copy). */
 static int
-str_arg(PyObject *o, const char *name, part *out)
+str_arg(PyObject *o, const char *fn, const char *name, part *out)
 {
     if (!PyUnicode_Check(o)) {
-        PyErr_Format(PyExc_TypeError, "chain(): %s must be str, not %.80s", name,
+        PyErr_Format(PyExc_TypeError, "%s(): %s must be str, not %.80s", fn, name,
                      Py_TYPE(o)->tp_name);
         return -1;
     }
@@ -228,61 +230,188 @@ str_arg(PyObject *o, const char *name, part *out)
 }
 
 /*
- * chain(ns, entity_id, content_hash, prev, body, at, provisional) -> (id, body) | None
- *
- * ns, body: bytes; entity_id, content_hash, prev, provisional: str; at: int. None when
- * the 36 bytes of body at `at` are not `provisional` (the caller then encodes anew).
+ * The chained id of one version, into rid (36 characters): 1; 0 when the 36 bytes of
+ * body at `at` are not `provisional` (nothing is computed); -1 with an exception set.
  */
-static PyObject *
-chain(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+static int
+chain_text(const part *ns, PyObject *eid_o, PyObject *chash_o, PyObject *prev_o,
+           PyObject *body_o, PyObject *at_o, PyObject *provisional_o, const char *fn,
+           char *rid)
 {
-    part ns, eid, chash, prev, body, provisional;
+    part eid, chash, prev, body, provisional;
     unsigned char sha1_out[EVP_MAX_MD_SIZE];
-    char rid[36];
     Py_ssize_t at;
-    PyObject *out, *text, *tuple;
 
-    (void)self;
-    if (nargs != 7) {
-        PyErr_Format(PyExc_TypeError, "chain() takes 7 arguments (%zd given)", nargs);
-        return NULL;
-    }
-    if (bytes_arg(args[0], "chain", "ns", &ns) < 0 || str_arg(args[1], "entity_id", &eid) < 0 ||
-        str_arg(args[2], "content_hash", &chash) < 0 || str_arg(args[3], "prev", &prev) < 0 ||
-        bytes_arg(args[4], "chain", "body", &body) < 0 ||
-        str_arg(args[6], "provisional", &provisional) < 0)
-        return NULL;
-    at = PyLong_AsSsize_t(args[5]);
+    if (str_arg(eid_o, fn, "entity_id", &eid) < 0 ||
+        str_arg(chash_o, fn, "content_hash", &chash) < 0 ||
+        str_arg(prev_o, fn, "prev", &prev) < 0 || bytes_arg(body_o, fn, "body", &body) < 0 ||
+        str_arg(provisional_o, fn, "provisional", &provisional) < 0)
+        return -1;
+    at = PyLong_AsSsize_t(at_o);
     if (at == -1 && PyErr_Occurred())
-        return NULL;
-    if (ns.n != 16) {
-        PyErr_SetString(PyExc_ValueError, "chain(): ns must be 16 bytes");
-        return NULL;
-    }
+        return -1;
     if (provisional.n != 36 || at < 0 || at > body.n - 36 ||
         memcmp(body.p + at, provisional.p, 36) != 0)
-        Py_RETURN_NONE;
+        return 0;
     {
-        part p[] = {ns, eid, LIT(":"), chash, LIT(":"), prev};
+        part p[] = {*ns, eid, LIT(":"), chash, LIT(":"), prev};
         if (digest(md_sha1, p, 6, sha1_out) < 0) {
             PyErr_SetString(PyExc_RuntimeError, "OpenSSL digest failed");
-            return NULL;
+            return -1;
         }
         uuid5_text(sha1_out, rid);
     }
-    out = PyBytes_FromStringAndSize(body.p, body.n);
-    if (out == NULL)
-        return NULL;
-    memcpy(PyBytes_AS_STRING(out) + at, rid, 36);
-    text = ascii_str(rid, 36);
-    if (text == NULL) {
-        Py_DECREF(out);
+    return 1;
+}
+
+static int
+ns_arg(PyObject *o, const char *fn, part *out)
+{
+    if (bytes_arg(o, fn, "ns", out) < 0)
+        return -1;
+    if (out->n != 16) {
+        PyErr_Format(PyExc_ValueError, "%s(): ns must be 16 bytes", fn);
+        return -1;
+    }
+    return 0;
+}
+
+/*
+ * One version of link(): `row` (8-tuple) chained from `prev`; appends the new row (the id
+ * in front) to keep and the id to ids, and sets latest[entity] = (digest, id).
+ */
+static int
+link_one(const part *ns, PyObject *row, PyObject *entity, PyObject *digest, PyObject *chash,
+         PyObject *prev, PyObject *keep, PyObject *ids, PyObject *latest)
+{
+    char text[36];
+    PyObject *rid, *fresh, *pair;
+    int got, failed;
+
+    got = chain_text(ns, PyTuple_GET_ITEM(row, 1), chash, prev, PyTuple_GET_ITEM(row, 6),
+                     PyTuple_GET_ITEM(row, 7), PyTuple_GET_ITEM(row, 0), "link", text);
+    if (got <= 0) {
+        if (got == 0)
+            PyErr_Format(PyExc_ValueError, "envelope of %R has no provisional id where the "
+                         "builder said", entity);
+        return -1;
+    }
+    if ((rid = ascii_str(text, 36)) == NULL)
+        return -1;
+    if ((fresh = PyTuple_New(8)) == NULL) {
+        Py_DECREF(rid);
+        return -1;
+    }
+    Py_INCREF(rid);
+    PyTuple_SET_ITEM(fresh, 0, rid);
+    for (Py_ssize_t k = 1; k < 8; k++) {
+        PyObject *item = PyTuple_GET_ITEM(row, k);
+        Py_INCREF(item);
+        PyTuple_SET_ITEM(fresh, k, item);
+    }
+    pair = PyTuple_Pack(2, digest, rid);
+    failed = pair == NULL || PyList_Append(keep, fresh) < 0 || PyList_Append(ids, rid) < 0 ||
+             PyDict_SetItem(latest, entity, pair) < 0;
+    Py_XDECREF(pair);
+    Py_DECREF(fresh);
+    Py_DECREF(rid);
+    return failed ? -1 : 0;
+}
+
+/*
+ * link(ns, epoch, rows, versions, known, latest) -> (kept rows, ids, unchanged)
+ *
+ * The outbox writer's loop over one append (records.link_python is the reference).
+ * rows: list of 8-tuples; versions: a list as long, of None (a reading: kept as it is)
+ * or (entity, digest, content_hash); known and latest: dicts entity -> (digest, last id
+ * or None), latest first; latest is updated. A version whose digest is its entity's
+ * last is dropped (id None); the others are chained from the last id, or the epoch.
+ */
+static PyObject *
+link_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    part ns;
+    PyObject *epoch, *rows, *versions, *known, *latest, *keep, *ids;
+    Py_ssize_t n, unchanged = 0;
+
+    (void)self;
+    if (nargs != 6) {
+        PyErr_Format(PyExc_TypeError, "link() takes 6 arguments (%zd given)", nargs);
         return NULL;
     }
-    tuple = PyTuple_Pack(2, text, out);
-    Py_DECREF(text);
-    Py_DECREF(out);
-    return tuple;
+    if (ns_arg(args[0], "link", &ns) < 0)
+        return NULL;
+    epoch = args[1];
+    rows = args[2];
+    versions = args[3];
+    known = args[4];
+    latest = args[5];
+    if (!PyUnicode_Check(epoch) || !PyList_Check(rows) || !PyList_Check(versions) ||
+        !PyDict_Check(known) || !PyDict_Check(latest)) {
+        PyErr_SetString(PyExc_TypeError, "link(): (bytes, str, list, list, dict, dict)");
+        return NULL;
+    }
+    n = PyList_GET_SIZE(rows);
+    if (PyList_GET_SIZE(versions) != n) {
+        PyErr_SetString(PyExc_ValueError, "link(): rows and versions differ in length");
+        return NULL;
+    }
+    keep = PyList_New(0);
+    ids = PyList_New(0);
+    if (keep == NULL || ids == NULL)
+        goto fail;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *row = PyList_GET_ITEM(rows, i), *version = PyList_GET_ITEM(versions, i);
+        PyObject *entity, *last, *prev = epoch;
+
+        if (!PyTuple_Check(row) || PyTuple_GET_SIZE(row) != 8) {
+            PyErr_SetString(PyExc_TypeError, "link(): a row is an 8-tuple");
+            goto fail;
+        }
+        if (version == Py_None) {
+            if (PyList_Append(keep, row) < 0 || PyList_Append(ids, PyTuple_GET_ITEM(row, 0)) < 0)
+                goto fail;
+            continue;
+        }
+        if (!PyTuple_Check(version) || PyTuple_GET_SIZE(version) != 3) {
+            PyErr_SetString(PyExc_TypeError, "link(): a version is a 3-tuple or None");
+            goto fail;
+        }
+        entity = PyTuple_GET_ITEM(version, 0);
+        last = PyDict_GetItemWithError(latest, entity);
+        if (last == NULL && !PyErr_Occurred())
+            last = PyDict_GetItemWithError(known, entity);
+        if (last == NULL && PyErr_Occurred())
+            goto fail;
+        if (last != NULL) {
+            int same;
+            if (!PyTuple_Check(last) || PyTuple_GET_SIZE(last) != 2) {
+                PyErr_SetString(PyExc_TypeError, "link(): a last version is a 2-tuple");
+                goto fail;
+            }
+            same = PyObject_RichCompareBool(PyTuple_GET_ITEM(last, 0),
+                                            PyTuple_GET_ITEM(version, 1), Py_EQ);
+            if (same < 0)
+                goto fail;
+            if (same) {
+                unchanged++;
+                if (PyList_Append(ids, Py_None) < 0)
+                    goto fail;
+                continue;
+            }
+            if (PyTuple_GET_ITEM(last, 1) != Py_None)
+                prev = PyTuple_GET_ITEM(last, 1);
+        }
+        if (link_one(&ns, row, entity, PyTuple_GET_ITEM(version, 1),
+                     PyTuple_GET_ITEM(version, 2), prev, keep, ids, latest) < 0)
+            goto fail;
+    }
+    return Py_BuildValue("(NNn)", keep, ids, unchanged);
+
+fail:
+    Py_XDECREF(keep);
+    Py_XDECREF(ids);
+    return NULL;
 }
 
 static PyMethodDef methods[] = {
@@ -290,8 +419,8 @@ static PyMethodDef methods[] = {
      "build(ns, name_prefix, remote_id, remote_id_json, op_json, data, custom, remote_data,"
      " mid, precision, observed_json, src, modified_json) -> (entity_id, content_hash, id,"
      " envelope_json)"},
-    {"chain", (PyCFunction)(void (*)(void))chain, METH_FASTCALL,
-     "chain(ns, entity_id, content_hash, prev, body, at, provisional) -> (id, body) | None"},
+    {"link", (PyCFunction)(void (*)(void))link_rows, METH_FASTCALL,
+     "link(ns, epoch, rows, versions, known, latest) -> (kept rows, ids, unchanged)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -323,7 +452,7 @@ PyInit__envelope(void)
     /* ABI: records.py uses the module only when this matches what it expects, so a stale
      * build left in a source tree is ignored rather than trusted. Bump it with any change
      * to what build() takes or returns. */
-    if (m != NULL && PyModule_AddIntConstant(m, "ABI", 2) < 0) {
+    if (m != NULL && PyModule_AddIntConstant(m, "ABI", 4) < 0) {
         Py_DECREF(m);
         return NULL;
     }

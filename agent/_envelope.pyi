@@ -1,5 +1,7 @@
 # Types of the optional C module built from agent/_envelope.c (see agent/records.py).
 
+from typing import Any
+
 ABI: int
 
 def build(
@@ -18,13 +20,12 @@ def build(
     modified_json: bytes,
     /,
 ) -> tuple[str, str, str, bytes]: ...
-def chain(
+def link(
     ns: bytes,
-    entity_id: str,
-    content_hash: str,
-    prev: str,
-    body: bytes,
-    at: int,
-    provisional: str,
+    epoch: str,
+    rows: list[tuple[Any, ...]],
+    versions: list[tuple[str, str, str] | None],
+    known: dict[str, tuple[str, str | None]],
+    latest: dict[str, tuple[str, str]],
     /,
-) -> tuple[str, bytes] | None: ...
+) -> tuple[list[tuple[Any, ...]], list[str | None], int]: ...

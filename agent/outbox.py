@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import sqlite3
 import time
 import uuid
@@ -48,13 +49,14 @@ import structlog
 from pydantic import Field
 
 from agent import outbox_keys
+from agent import records as records_module
 from agent.configtypes import ByteSize, PositiveDuration, Section
 from agent.errors import OutboxWriteError
 from agent.records import (
     EntityType,
     Record,
     RetentionClass,
-    chained,
+    chainable,
     retention_class,
 )
 
@@ -148,10 +150,12 @@ _VERSIONS_OF = (
     "SELECT entity, digest, last_id FROM entity_versions "
     "WHERE entity IN (SELECT value FROM json_each(?))"
 )
+# ?1: the entities (a JSON array), ?2: their digests and ids, 32 + 36 bytes each, in one
+# blob (substr of a blob is by byte, O(1); three json_extract per row cost twice as much)
 _SET_VERSIONS = (
     "INSERT INTO entity_versions (entity, digest, last_id) "
-    "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
-    "json_extract(value, '$[2]') FROM json_each(?) WHERE true "
+    "SELECT value, CAST(substr(?2, key * 68 + 1, 32) AS TEXT), "
+    "CAST(substr(?2, key * 68 + 33, 36) AS TEXT) FROM json_each(?1) WHERE true "
     "ON CONFLICT(entity) DO UPDATE SET digest = excluded.digest, last_id = excluded.last_id"
 )
 _PRAGMAS = (
@@ -322,14 +326,18 @@ class OutboxStats:
         }
 
 
-# A row as inserted: (id, entity_id, entity_type, class, created_at, size, body)
-_Row = tuple[str, str, str, str, float, int, bytes]
+# A row as inserted: (id, entity_id, entity_type, class, created_at, size, body, id_at);
+# id_at >= 0: the id is written into body there as the row is inserted (a chained id).
+_Row = tuple[str, str, str, str, float, int, bytes, int]
 
 
 @dataclass(slots=True)
 class _Pending:
     rows: list[_Row]
-    records: Sequence[Record]  # rows[i] is records[i] until _link filters rows
+    # per row until _link filters rows: (entity, digest, content_hash) of an entity
+    # version, None for a reading (the records themselves are not kept: their data
+    # would stay alive until the commit)
+    versions: list[tuple[str, str, str] | None]
     cursors: list[Cursor]
     quarantine: list[Quarantined]
     future: asyncio.Future[AppendResult]
@@ -342,17 +350,21 @@ _TYPE_AND_CLASS = {t: (t.value, retention_class(t).value) for t in EntityType}
 
 
 def _row(record: Record, now: float) -> _Row:
-    body = record.to_json()
     etype, cls = _TYPE_AND_CLASS.get(record.entity_type) or (
         record.entity_type.value,
         record.retention.value,
     )
-    return (record.id, record.entity_id, etype, cls, now, len(body), body)
+    if cls == _BUSINESS:  # chained in the writer: the provisional id, and where it is
+        rid, body, at = chainable(record)
+        return (rid, record.entity_id, etype, cls, now, len(body), body, at)
+    body = record.to_json()
+    return (record.id, record.entity_id, etype, cls, now, len(body), body, -1)
 
 
 def _insert_records(con: sqlite3.Connection, rows: Sequence[_Row]) -> dict[str, list[int]]:
     """Insert ``rows`` in order, a statement per ~16 MiB of bodies (see ``_INSERT_MANY``).
 
+    Chained ids are written into the bodies here, in the one buffer of the statement.
     Returns the rows and bytes inserted per retention class.
     """
     added: dict[str, list[int]] = {}
@@ -360,14 +372,20 @@ def _insert_records(con: sqlite3.Connection, rows: Sequence[_Row]) -> dict[str, 
     while start < len(rows):
         meta: list[tuple[str, str, str, str, float, int, int]] = []
         bodies: list[bytes] = []
+        patches: list[tuple[int, str]] = []
         offset = 1  # substr() counts from 1
-        for rid, eid, etype, cls, created, size, body in rows[start:]:
+        for rid, eid, etype, cls, created, size, body, id_at in rows[start:]:
             if bodies and offset - 1 + size > _INSERT_MANY_BYTES:
                 break
             meta.append((rid, eid, etype, cls, created, size, offset))
             bodies.append(body)
+            if id_at >= 0:
+                patches.append((offset - 1 + id_at, rid))
             offset += size
-        con.execute(_INSERT_MANY, (orjson.dumps(meta).decode(), b"".join(bodies)))
+        blob = bytearray().join(bodies)
+        for at, rid in patches:
+            blob[at : at + 36] = rid.encode()
+        con.execute(_INSERT_MANY, (orjson.dumps(meta).decode(), blob))
         start += len(meta)
     for row in rows:
         count = added.get(row[3])
@@ -378,19 +396,24 @@ def _insert_records(con: sqlite3.Connection, rows: Sequence[_Row]) -> dict[str, 
     return added
 
 
-def _version(record: Record) -> tuple[str, str]:
-    """``(entity, digest)``: the key and value of ``entity_versions`` for ``record``.
+def _version(record: Record, etype: str) -> tuple[str, str, str]:
+    """``(entity, digest, content_hash)``: ``entity_versions``' key and value for ``record``
+    (of entity type ``etype``, as text: formatting the enum member costs twice as much).
 
     The entity is the name its ``entity_id`` is derived from (``source:type:remote_id``),
     not the uuid: sources read rows in about key order, and SAP keys are zero-padded, so
     consecutive versions land on neighbouring B-tree pages. Keyed by the random uuid,
     every append of a chunk rewrote pages all over the table: at 1M entities 73 us per
     record against 23 (see docs/outbox.md). The digest is the first 128 bits of the
-    content hash, in hex (a collision would have to hit the same entity).
+    content hash, in hex (a collision would have to hit the same entity); always 32
+    characters, as ``_SET_VERSIONS`` wants (a hash of another form is hashed).
     """
     chash = record.content_hash
-    digest = chash[7:39] if chash.startswith("sha256:") and len(chash) == 71 else chash
-    return f"{record.source.name}:{record.entity_type}:{record.remote_id}", digest
+    if chash.startswith("sha256:") and len(chash) == 71:
+        digest = chash[7:39]
+    else:  # a record not made by Record.entity
+        digest = hashlib.sha256(chash.encode()).hexdigest()[:32]
+    return f"{record.source.name}:{etype}:{record.remote_id}", digest, chash
 
 
 def _json_list(values: Iterable[Any]) -> str:
@@ -635,6 +658,8 @@ class Outbox:
             raise RuntimeError("outbox is not open")
         now = time.time()
         rows = [_row(r, now) for r in records]
+        versions = [_version(r, row[2]) if row[3] == _BUSINESS else None for r, row in zip(
+            records, rows, strict=True)]  # fmt: skip
         size = sum([r[5] for r in rows])
         if self.when_full == "drop_oldest":  # readings can make room: admit the rest only
             await self._admit(sum([r[5] for r in rows if r[3] == "business"]))
@@ -643,7 +668,7 @@ class Outbox:
         loop = asyncio.get_running_loop()
         item = _Pending(
             rows=rows,
-            records=records,
+            versions=versions,
             cursors=[] if cursor is None else [cursor] if isinstance(cursor, Cursor) else [*cursor],
             quarantine=list(quarantine),
             future=loop.create_future(),
@@ -805,12 +830,7 @@ class Outbox:
         decided from ``entity_versions`` inside this transaction, so a commit that fails
         changes nothing and the next attempt decides the same again.
         """
-        staged = [
-            [_version(rec) if row[3] == _BUSINESS else None for row, rec in zip(
-                item.rows, item.records, strict=True)]
-            for item in group
-        ]  # fmt: skip
-        names = [v[0] for versions in staged for v in versions if v is not None]
+        names = [v[0] for item in group for v in item.versions if v is not None]
         if not names:
             for item in group:
                 item.result.ids = [row[0] for row in item.rows]
@@ -818,31 +838,17 @@ class Outbox:
         known: dict[str, tuple[str, str | None]] = {
             e: (d, i) for e, d, i in tx.con.execute(_VERSIONS_OF, (_json_list(names),))
         }  # last_id is NULL for an entity last seen by a v2 agent
-        latest: dict[str, tuple[str, str | None]] = {}
-        epoch = self.epoch
-        for item, versions in zip(group, staged, strict=True):
-            keep: list[_Row] = []
-            ids: list[str | None] = []
-            for row, rec, version in zip(item.rows, item.records, versions, strict=True):
-                if version is None:
-                    keep.append(row)
-                    ids.append(row[0])
-                    continue
-                entity, digest = version
-                last = latest.get(entity) or known.get(entity)
-                if last is not None and last[0] == digest:
-                    item.result.unchanged += 1
-                    ids.append(None)
-                    continue
-                rid, body = chained(rec, epoch if last is None or last[1] is None else last[1])
-                keep.append((rid, row[1], row[2], row[3], row[4], len(body), body))
-                ids.append(rid)
-                latest[entity] = (digest, rid)
-            item.rows = keep
-            item.result.ids = ids
+        latest: dict[str, tuple[str, str]] = {}
+        link = records_module._link  # C or Python (tests switch it)
+        for item in group:
+            item.rows, item.result.ids, unchanged = link(
+                records_module.NS.bytes, self.epoch, item.rows, item.versions, known, latest
+            )
+            item.result.unchanged += unchanged
         if latest:  # key order: neighbouring entities share B-tree pages
-            rows = sorted([e, d, i] for e, (d, i) in latest.items())
-            tx.con.execute(_SET_VERSIONS, (orjson.dumps(rows).decode(),))
+            entities = sorted(latest)
+            fixed = "".join([latest[e][0] + latest[e][1] for e in entities]).encode()
+            tx.con.execute(_SET_VERSIONS, (_json_list(entities), fixed))
 
     def _make_room(
         self, tx: _Tx, group: list[_Pending], incoming: int, leased: AbstractSet[int]

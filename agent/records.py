@@ -45,7 +45,7 @@ _NS_BYTES = NS.bytes
 # The optional C builder (agent/_envelope.c, compiled at install when a C compiler and
 # OpenSSL's headers are there). splice_python below is the reference; the tests hold the
 # two to the same bytes. EDGE_AGENT_PURE_PYTHON=1 turns the C builder off.
-_ENVELOPE_ABI = 2  # what agent._envelope's functions take and return (its ABI constant)
+_ENVELOPE_ABI = 4  # what agent._envelope's functions take and return (its ABI constant)
 _envelope: Any
 try:
     from agent import _envelope
@@ -636,7 +636,7 @@ def splice_python(  # noqa: PLR0917 - the signature of agent._envelope.build
     return eid, chash, rid, body
 
 
-def chain_python(  # noqa: PLR0917 - the signature of agent._envelope.chain
+def chain_python(  # noqa: PLR0917 - positional, as link() calls it per version
     ns: bytes,
     entity_id: str,
     content_hash: str,
@@ -644,45 +644,85 @@ def chain_python(  # noqa: PLR0917 - the signature of agent._envelope.chain
     body: bytes,
     at: int,
     provisional: str,
-) -> tuple[str, bytes] | None:
-    """``(id, body)``: the chained id and ``body`` with it in place of ``provisional``.
+) -> str | None:
+    """The chained id, once the 36 bytes of ``body`` at ``at`` are ``provisional``.
 
-    The reference of ``agent._envelope.chain``. None when the 36 bytes at ``at`` are not
-    ``provisional`` (a body the builder did not make).
+    Part of :func:`link_python` (``chain_text`` in agent/_envelope.c). None when they
+    are not, which :func:`chainable` rules out.
     """
     if len(provisional) != 36 or at < 0 or body[at : at + 36] != provisional.encode():
         return None
-    rid = _uuid5_text(_sha1(ns + f"{entity_id}:{content_hash}:{prev}".encode()).hexdigest())
-    return rid, body[:at] + rid.encode() + body[at + 36 :]
+    return _uuid5_text(_sha1(ns + f"{entity_id}:{content_hash}:{prev}".encode()).hexdigest())
 
 
-# What EntityBuilder.build hashes and splices with, and what chained() chains with: C when
+def link_python(  # noqa: PLR0917 - the signature of agent._envelope.link
+    ns: bytes,
+    epoch: str,
+    rows: list[tuple[Any, ...]],
+    versions: list[tuple[str, str, str] | None],
+    known: dict[str, tuple[str, str | None]],
+    latest: dict[str, tuple[str, str]],
+) -> tuple[list[tuple[Any, ...]], list[str | None], int]:
+    """The outbox writer's loop over one append: ``(rows kept, ids, unchanged)``.
+
+    The reference of ``agent._envelope.link``. ``rows`` are the outbox's rows (id first,
+    the envelope and the id's offset in it last, see :func:`chainable`); ``versions`` says
+    per row ``(entity, digest, content_hash)``, or None for a reading, which is kept as it
+    is. ``known`` and ``latest`` map an entity to ``(digest, last id)`` (the id None for
+    an entity last appended by a v2 agent), ``latest`` first, and ``latest`` is updated.
+    A version whose digest is its entity's last one is dropped (its id: None); the others
+    get the id chained from the entity's last id, or from ``epoch``.
+    """
+    keep: list[tuple[Any, ...]] = []
+    ids: list[str | None] = []
+    unchanged = 0
+    for row, version in zip(rows, versions, strict=True):
+        if version is None:
+            keep.append(row)
+            ids.append(row[0])
+            continue
+        entity, digest, chash = version
+        last: tuple[str, str | None] | None = latest.get(entity) or known.get(entity)
+        if last is not None and last[0] == digest:
+            unchanged += 1
+            ids.append(None)
+            continue
+        prev = epoch if last is None or last[1] is None else last[1]
+        rid = chain_python(ns, row[1], chash, prev, row[6], row[7], row[0])
+        if rid is None:  # chainable() rules it out: never write over other bytes
+            raise ValueError(f"envelope of {entity!r} has no provisional id where the builder said")
+        keep.append((rid, *row[1:]))
+        ids.append(rid)
+        latest[entity] = (digest, rid)
+    return keep, ids, unchanged
+
+
+# What EntityBuilder.build hashes and splices with, and what the outbox chains with: C when
 # compiled, else the references.
 _splice: Callable[..., tuple[str, str, str, bytes]] = (
     splice_python if _envelope is None else _envelope.build
 )
-_chain: Callable[..., tuple[str, bytes] | None] = (
-    chain_python if _envelope is None else _envelope.chain
+_link: Callable[..., tuple[list[tuple[Any, ...]], list[str | None], int]] = (
+    link_python if _envelope is None else _envelope.link
 )
 
 
-def chained(record: Record, prev: str) -> tuple[str, bytes]:
-    """``(id, envelope)`` of the entity version ``record`` chained from ``prev``.
+def chainable(record: Record) -> tuple[str, bytes, int]:
+    """``(provisional id, envelope, at)`` of an entity version, ready for the outbox.
 
-    The outbox's writer calls this for every version it stores (see :func:`chain_id`).
-    A record from :class:`EntityBuilder` gets its id written over the provisional one in
-    the envelope it already has; any other record is encoded again (slower, same bytes).
+    ``at`` is where the 36 bytes of the provisional id sit in ``envelope``: the outbox's
+    writer computes the chained id (:data:`_link`, which checks that those bytes are the
+    provisional id) and writes it there, with no re-encoding. A record from
+    :class:`EntityBuilder` has both already; any other record (built field by field) is
+    encoded here with a random placeholder id, which cannot occur anywhere else in its
+    envelope.
     """
-    body = record._json
-    if body is not None:
-        got = _chain(
-            _NS_BYTES, record.entity_id, record.content_hash, prev, body, record._id_at,
-            record.id,
-        )  # fmt: skip
-        if got is not None:
-            return got
-    rid = chain_id(record.entity_id, record.content_hash, prev)
-    return rid, canonical_json({**record.envelope(), "id": rid})
+    body, at = record._json, record._id_at
+    if body is not None and at >= 0 and body[at : at + 36] == record.id.encode():
+        return record.id, body, at
+    placeholder = str(uuid.uuid4())
+    body = canonical_json({**record.envelope(), "id": placeholder})
+    return placeholder, body, body.index(placeholder.encode())
 
 
 def builder_implementation() -> str:

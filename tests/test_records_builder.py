@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -109,55 +110,117 @@ def test_c_builder_rejects_wrong_arguments_instead_of_crashing() -> None:
         _envelope.build(b"short", *good[1:])
 
 
+def _link_inputs(
+    steps: list[tuple[int, int]], known_ids: list[bool], shift: int
+) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    """Rows and versions of one append (entity i gets content c; entity -1 is a reading),
+    and what entity_versions knows of the first entities (with or without a last id)."""
+    rows: list[Any] = []
+    versions: list[Any] = []
+    for n, (entity, content) in enumerate(steps):
+        if entity < 0:
+            rec = records.Record.reading(
+                SourceRef("s", "mqtt"), EntityType.EVENT, "p", datetime(2026, 1, 1, tzinfo=UTC),
+                {"n": n},
+            )  # fmt: skip
+            rows.append((rec.id, rec.entity_id, "event", "reading", 1.0, 9, rec.to_json(), -1))
+            versions.append(None)
+            continue
+        rec = records.Record.entity(
+            SourceRef("s", "sql"), EntityType.ASSET, f"A{entity}", {"c": content}
+        )
+        rid, body, at = records.chainable(rec)
+        rows.append((rid, rec.entity_id, "asset", "business", 1.0, len(body), body, at + shift))
+        versions.append((f"s:asset:A{entity}", rec.content_hash[7:39], rec.content_hash))
+    known = {
+        f"s:asset:A{i}": (records.Record.entity(
+            SourceRef("s", "sql"), EntityType.ASSET, f"A{i}", {"c": 0}).content_hash[7:39],
+            "6d7bd69b-96ea-547d-a514-db3e83dc4493" if with_id else None)
+        for i, with_id in enumerate(known_ids)
+    }  # fmt: skip
+    return rows, versions, known
+
+
+def _run_link(link: Any, *args: Any) -> Any:
+    latest: dict[str, Any] = {}
+    try:
+        return link(*args, latest), latest
+    except Exception as exc:  # the class and message are what is compared
+        return type(exc), str(exc)
+
+
 @needs_c
 @settings(max_examples=300)
 @given(
-    remote_id=st.text(),
-    data=_dicts,
-    prev=st.uuids().map(str) | st.text(),
-    shift=st.sampled_from([0, 0, 0, -1, 1, -10_000, 10_000]),
+    steps=st.lists(st.tuples(st.integers(-1, 3), st.integers(0, 2)), max_size=12),
+    known_ids=st.lists(st.booleans(), max_size=4),
+    shift=st.sampled_from([0, 0, 0, 0, -1, 1]),
 )
-def test_c_chain_equals_the_reference(
-    remote_id: str, data: dict[str, Any], prev: str, shift: int
+def test_c_link_equals_the_reference(
+    steps: list[tuple[int, int]], known_ids: list[bool], shift: int
 ) -> None:
-    """The writer's step: the chained id in place of the provisional one, same bytes in
-    C and Python; a wrong offset (``shift``) is refused by both, never patched."""
-    try:
-        rec = records.Record.entity(SourceRef("s", "sql"), EntityType.ASSET, remote_id, data)
-    except Exception:  # not encodable: test_c_builder_equals_the_reference covers it
+    """The writer's loop: dedupe, the chain from epoch or last id, the rows kept; the same
+    from C and Python, and a wrong id offset refused by both (nothing written there)."""
+    rows, versions, known = _link_inputs(steps, known_ids, shift)
+    args = (records.NS.bytes, "0e5c6d1f-2a3b-4c4d-9e5f-60718293a4b5", rows, versions, known)
+    got = _run_link(records._envelope.link, *args)
+    assert got == _run_link(records.link_python, *args)
+    if shift:  # refused, unless no version needed an id (all unchanged)
+        if got[0] is not ValueError:
+            ids = got[0][1]
+            assert all(i is None for i, v in zip(ids, versions, strict=True) if v is not None)
         return
-    args = (records.NS.bytes, rec.entity_id, rec.content_hash, prev, rec.to_json(),
-            rec._id_at + shift, rec.id)  # fmt: skip
-    got = records._envelope.chain(*args)
-    assert got == records.chain_python(*args)
-    if shift:
-        assert got is None
-        return
-    assert got is not None
-    rid, body = got
-    assert rid == records.chain_id(rec.entity_id, rec.content_hash, prev)
-    assert body == records.canonical_json({**rec.envelope(), "id": rid})
-    assert records.chained(rec, prev) == got
+    (keep, ids, unchanged), latest = got
+    want_ids, want_latest = _model_link(rows, versions, known, args[1])
+    assert (ids, latest) == (want_ids, want_latest)
+    assert [r[0] for r in keep] == [i for i in ids if i is not None]
+    assert unchanged == ids.count(None)
+
+
+def _model_link(
+    rows: list[Any], versions: list[Any], known: dict[str, Any], epoch: str
+) -> tuple[list[str | None], dict[str, Any]]:
+    """The ids and the final ``latest`` that DESIGN.md's rule gives, written plainly."""
+    last = dict(known)
+    ids: list[str | None] = []
+    latest: dict[str, Any] = {}
+    for row, version in zip(rows, versions, strict=True):
+        if version is None:
+            ids.append(row[0])
+            continue
+        entity, digest, chash = version
+        if entity in last and last[entity][0] == digest:
+            ids.append(None)
+            continue
+        prev = last[entity][1] if entity in last and last[entity][1] else epoch
+        rid = str(uuid.uuid5(records.NS, f"{row[1]}:{chash}:{prev}"))
+        ids.append(rid)
+        last[entity] = latest[entity] = (digest, rid)
+    return ids, latest
 
 
 @needs_c
-def test_c_chain_rejects_wrong_arguments_instead_of_crashing() -> None:
+def test_c_link_rejects_wrong_arguments_instead_of_crashing() -> None:
     from agent import _envelope  # noqa: PLC0415
 
-    rid = "6d7bd69b-96ea-547d-a514-db3e83dc4493"
-    good: list[Any] = [b"n" * 16, "e", "h", "p", b'{"id":"' + rid.encode() + b'"}', 7, rid]
-    assert _envelope.chain(*good) is not None
-    with pytest.raises(TypeError, match="7 arguments"):
-        _envelope.chain(*good[:6])
-    with pytest.raises(TypeError, match="prev must be str"):
-        _envelope.chain(*good[:3], b"p", *good[4:])
-    with pytest.raises(TypeError, match="body must be bytes"):
-        _envelope.chain(*good[:4], "body", *good[5:])
+    rows, versions, known = _link_inputs([(0, 1), (-1, 0)], [], 0)
+    good: list[Any] = [b"n" * 16, "epoch", rows, versions, known, {}]
+    assert len(_envelope.link(*good)[0]) == 2
+    with pytest.raises(TypeError, match="6 arguments"):
+        _envelope.link(*good[:5])
     with pytest.raises(ValueError, match="16 bytes"):
-        _envelope.chain(b"short", *good[1:])
-    with pytest.raises(TypeError):
-        _envelope.chain(*good[:5], "7", rid)
-    assert _envelope.chain(*good[:5], 2**62, rid) is None
+        _envelope.link(b"short", *good[1:])
+    with pytest.raises(ValueError, match="differ in length"):
+        _envelope.link(*good[:3], versions[:1], known, {})
+    with pytest.raises(TypeError, match="8-tuple"):
+        _envelope.link(*good[:2], [rows[0][:7], rows[1]], versions, known, {})
+    with pytest.raises(TypeError, match="3-tuple or None"):
+        _envelope.link(*good[:3], [versions[0][:2], None], known, {})
+    with pytest.raises(TypeError, match="prev must be str"):
+        _envelope.link(*good[:4], {versions[0][0]: ("x", 5)}, {})
+    bad = (*rows[0][:6], "body", rows[0][7])
+    with pytest.raises(TypeError, match="body must be bytes"):
+        _envelope.link(*good[:2], [bad, rows[1]], versions, known, {})
 
 
 def test_pure_python_can_be_forced() -> None:

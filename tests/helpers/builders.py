@@ -20,12 +20,12 @@ def using(name: str) -> Iterator[None]:
     """Build (and chain) entity versions with the ``name`` builder for the duration."""
     if name == "c" and records._envelope is None:
         pytest.skip(NOT_COMPILED)
-    saved = records._splice, records._chain
+    saved = records._splice, records._link
     if name == "python":
-        records._splice, records._chain = records.splice_python, records.chain_python
+        records._splice, records._link = records.splice_python, records.link_python
     else:
-        records._splice, records._chain = records._envelope.build, records._envelope.chain
+        records._splice, records._link = records._envelope.build, records._envelope.link
     try:
         yield
     finally:
-        records._splice, records._chain = saved
+        records._splice, records._link = saved
