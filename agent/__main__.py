@@ -68,7 +68,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     enabled = [n for n, s in settings.sources.items() if getattr(s, "enabled", True)]
     print(
         f"{file}: OK ({len(settings.sources)} sources, {len(enabled)} enabled; "
-        f"outbox {settings.outbox_path()}; upstream {settings.upstream.url})"
+        f"outbox {settings.outbox_path()}; upstream {settings.upstream.target()})"
     )
     if args.explain:
         _explain(settings)

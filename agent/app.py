@@ -128,7 +128,14 @@ class ReloadStatus:
     """The changes only a restart applies (``outbox.*``, ``agent.*``, ``api.listen``...)."""
 
 
-RESTART_ONLY = ("outbox", "agent", "api.enabled", "api.listen", "upstream.concurrency")
+RESTART_ONLY = (
+    "outbox",
+    "agent",
+    "api.enabled",
+    "api.listen",
+    "upstream.concurrency",
+    "upstream.type",
+)
 """Key paths (or whole sections) read only at start: a reload cannot apply them."""
 
 _LIVE_SECTIONS = ("agent", "logging", "outbox", "upstream", "api")
@@ -142,10 +149,10 @@ def changed_keys(old: cfg.Settings, new: cfg.Settings) -> list[str]:
         if old.sources.get(name) != new.sources.get(name)
     ]
     for section in _LIVE_SECTIONS:
-        a, b = getattr(old, section), getattr(new, section)
-        keys += [
-            f"{section}.{key}" for key in type(a).model_fields if getattr(a, key) != getattr(b, key)
-        ]
+        a = getattr(old, section).model_dump()
+        b = getattr(new, section).model_dump()
+        # an upstream of another type has other keys: each is a change
+        keys += [f"{section}.{key}" for key in {**a, **b} if a.get(key) != b.get(key)]
     return keys
 
 

@@ -14,9 +14,17 @@ import socket
 import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Discriminator,
+    Field,
+    SecretStr,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from agent import profiles
@@ -24,7 +32,7 @@ from agent import sources as source_plugins
 from agent.configtypes import PositiveDuration, SecretFilePath, Section, load_warnings, warn
 from agent.errors import ConfigError
 from agent.outbox import OutboxConfig
-from agent.sinks.http import UpstreamConfig
+from agent.sinks import base as sinks
 from agent.sources.base import SourceConfig
 
 DEFAULT_PATH = Path("/etc/edge-agent/config.toml")
@@ -120,7 +128,32 @@ def _source_union() -> Any:
     return Annotated[Union[tuple(classes)], Field(discriminator="type")]  # noqa: UP007
 
 
-SourceUnion = _source_union()
+if TYPE_CHECKING:  # what the rest of the agent may rely on: the common base
+    SourceUnion = SourceConfig
+else:
+    SourceUnion = _source_union()
+
+
+def _upstream_type(value: Any) -> str:
+    """The sink type of an ``[upstream]`` table: ``type``, default ``http``."""
+    if isinstance(value, dict):
+        return str(value.get("type", sinks.DEFAULT_TYPE))
+    return str(value.type) if isinstance(value, sinks.UpstreamConfig) else ""
+
+
+def upstream_union(classes: Sequence[type[sinks.UpstreamConfig]]) -> Any:
+    """``[upstream]``'s type: the sink config classes, told apart by ``type`` (absent:
+    ``http``, so every config written before sinks were plugins still loads)."""
+    if len(classes) == 1:
+        return classes[0]
+    tagged = [Annotated[c, Tag(str(c.model_fields["type"].default))] for c in classes]
+    return Annotated[Union[tuple(tagged)], Discriminator(_upstream_type)]  # noqa: UP007
+
+
+if TYPE_CHECKING:
+    UpstreamUnion = sinks.UpstreamConfig
+else:
+    UpstreamUnion = upstream_union([p.config_class for p in sinks.sink_plugins()])
 
 
 class Settings(BaseSettings):
@@ -137,9 +170,9 @@ class Settings(BaseSettings):
     agent: AgentSection = AgentSection()
     logging: LoggingSection = LoggingSection()
     outbox: OutboxConfig = OutboxConfig()
-    upstream: UpstreamConfig
+    upstream: UpstreamUnion
     api: ApiSection = ApiSection()
-    sources: dict[str, SourceUnion] = {}  # type: ignore[valid-type]
+    sources: dict[str, SourceUnion] = {}
 
     @field_validator("sources")
     @classmethod
@@ -181,6 +214,12 @@ def _loc(loc: tuple[int | str, ...], data: dict[str, Any]) -> str:
         kind = data.get("sources", {}).get(parts[1], {})
         if isinstance(kind, dict) and kind.get("type") == parts[2]:
             del parts[2]
+    if (
+        len(parts) >= 2
+        and parts[0] == "upstream"
+        and parts[1] == _upstream_type(data.get("upstream"))
+    ):
+        del parts[1]
     return ".".join(p for p in parts if not p.startswith(("function-", "json-or-python")))
 
 
@@ -199,8 +238,8 @@ def _message(err: Any) -> str:
         return "required key is missing"
     if kind in {"duration", "size", "secret_file", "secret_conflict", "file"}:
         return str(msg)
-    if kind == "union_tag_invalid":
-        return f"unknown source type {value.get('type')!r}" if isinstance(value, dict) else msg
+    if kind == "union_tag_invalid" or (kind == "literal_error" and _is_type_key(err["loc"])):
+        return _unknown_type(err["loc"], value)
     if kind == "union_tag_not_found":
         return "missing 'type' (one of: " + ", ".join(source_plugins.REGISTRY) + ")"
     msg = str(msg).removeprefix("Value error, ")
@@ -209,6 +248,21 @@ def _message(err: Any) -> str:
     if isinstance(value, str | int | float | bool) and not kind.startswith("value_error"):
         return f"{msg} (got {value!r})"
     return msg
+
+
+def _is_type_key(loc: tuple[int | str, ...]) -> bool:
+    """Whether ``loc`` is ``upstream.type`` or ``sources.<name>.type`` (a plugin choice)."""
+    return (loc[:1] == ("upstream",) and loc[-1:] == ("type",) and len(loc) <= 3) or (
+        loc[:1] == ("sources",) and loc[-1:] == ("type",) and len(loc) <= 4
+    )
+
+
+def _unknown_type(loc: tuple[int | str, ...], value: Any) -> str:
+    """``unknown upstream type 'x' (one of: http)`` for a type no plugin registers."""
+    given = value.get("type") if isinstance(value, dict) else value
+    if loc[:1] == ("upstream",):
+        return f"unknown upstream type {given!r} (one of: {', '.join(sinks.SINKS)})"
+    return f"unknown source type {given!r}"
 
 
 def _profile_dirs(data: dict[str, Any]) -> list[Path]:

@@ -4,7 +4,9 @@ Callers decide what to do by class, never by parsing messages:
 
 * :class:`ConfigError`: the configuration is wrong; a person must fix it.
 * :class:`TransientError`: try again later (backoff); carries what the peer said.
-* :class:`PermanentError`: retrying the same input cannot help.
+* :class:`PermanentError`: retrying the same input cannot help; a sink's two verdicts on
+  a whole batch are kinds of it: :class:`BatchTooLarge` (split it) and
+  :class:`BatchRejected` (bisect it down to the refused records).
 * :class:`ReauthorizationRequired`: credentials were refused; keep buffering and wait for
   new ones.
 """
@@ -56,6 +58,21 @@ class PermanentError(AgentError):
         super().__init__(message)
         self.status = status
         self.request_id = request_id
+
+
+class BatchTooLarge(PermanentError):
+    """The upstream refuses a batch this large (HTTP 413): send it in smaller parts."""
+
+
+class BatchRejected(PermanentError):
+    """The upstream refuses the whole batch for something in it (another HTTP 4xx):
+    ``code`` and the message say what; bisecting finds the refused records."""
+
+    def __init__(
+        self, message: str, *, status: int, code: str | None, request_id: str | None
+    ) -> None:
+        super().__init__(message, status=status, request_id=request_id)
+        self.code = code
 
 
 class ReauthorizationRequired(AgentError):

@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from agent.backoff import Backoff
-from agent.errors import ReauthorizationRequired, TransientError
+from agent.errors import BatchRejected, BatchTooLarge, ReauthorizationRequired, TransientError
+from agent.health import Component, Health, Kind, State, Tracker, worst
 from agent.outbox import Leased, Outbox
 from agent.records import SourceRef, connection_status
-from agent.sinks.http import BatchRejected, BatchTooLarge, HttpSink, UpstreamConfig, WriteResult
+from agent.sinks.base import SendResult, Sink, UpstreamConfig, build_sink
 
 if TYPE_CHECKING:
     from agent.config import Settings
@@ -41,10 +42,11 @@ log = structlog.get_logger("agent.forwarder")
 IDLE_POLL = 1.0  # safety net beside the outbox's data event
 DRAIN_POLL = 0.5
 
-OK = "ok"
-RETRYING = "retrying"
-REAUTH = "reauthorization_required"
-STOPPED = "stopped"
+# The upstream's states (status ``upstream.state``; agent.health says what they mean).
+OK = State.OK
+RETRYING = State.RETRYING
+REAUTH = State.REAUTH
+STOPPED = State.STOPPED
 
 
 @dataclass
@@ -70,7 +72,8 @@ class Counters:
 
 
 class Forwarder:
-    """Delivers the outbox through an :class:`HttpSink`; see the module docstring."""
+    """Delivers the outbox through the :class:`~agent.sinks.base.Sink` that
+    ``upstream.type`` names; see the module docstring."""
 
     def __init__(
         self, outbox: Outbox, config: UpstreamConfig, agent_id: str, site: str | None = None
@@ -79,9 +82,10 @@ class Forwarder:
         self.config = config
         self.agent_id = agent_id
         self.site = site
-        self.sink: HttpSink | None = None
-        self.state = STOPPED
+        self.sink: Sink | None = None
+        self.tracker = Tracker(STOPPED)
         self.reason: str | None = None
+        """Why credentials are needed (``unauthorized``, ``forbidden``) while in REAUTH."""
         self.last_push_at: float | None = None
         self.last_attempt_at: float | None = None
         self.last_error: str | None = None
@@ -97,15 +101,21 @@ class Forwarder:
 
     # ------------------------------------------------------------------ lifecycle
 
+    @property
+    def state(self) -> State:
+        """The delivery state: ok, retrying, reauthorization_required or stopped."""
+        return self.tracker.state
+
     async def start(self) -> None:
-        """Start the workers (the outbox must be open)."""
-        self.sink = HttpSink(self.config, self.agent_id)
-        self.state = OK
+        """Open the sink and start the workers (the outbox must be open)."""
+        sink = self.sink = build_sink(self.config, self.agent_id)
+        await sink.open()
+        self.tracker.set(OK)
         n = max(1, self.config.concurrency)
         self._workers = [
             asyncio.create_task(self._worker(i), name=f"forwarder:{i}") for i in range(n)
         ]
-        log.info("forwarder_started", url=self.config.url, concurrency=n)
+        log.info("forwarder_started", sink=sink.type, url=sink.describe(), concurrency=n)
 
     async def drain(self, timeout: float, force: asyncio.Event | None = None) -> bool:
         """Keep delivering until the outbox is empty, ``timeout`` passes or ``force`` is set.
@@ -143,15 +153,18 @@ class Forwarder:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         if self.sink is not None:
-            await self.sink.aclose()  # kept for its counters in status
-        self.state = STOPPED
+            await self.sink.close()  # kept for its counters in status
+        self.tracker.set(STOPPED)
 
     def reconfigure(self, settings: Settings) -> None:
         """Reload hook: a new token (or TLS, proxy, URL) applies to the next attempt.
 
         Also wakes every worker sleeping in backoff or a reauthorization probe, so a new
-        token is tried at once instead of after ``reauth_probe_interval``.
+        token is tried at once instead of after ``reauth_probe_interval``. A change of
+        ``upstream.type`` needs a restart (the agent says so) and is not applied here.
         """
+        if settings.upstream.type != self.config.type:
+            return
         self.config = settings.upstream
         self.agent_id = settings.agent.id
         self.site = settings.agent.site
@@ -250,10 +263,11 @@ class Forwarder:
         await self._sleep(delay)
 
     async def _incomplete(
-        self, missing: list[Leased], result: WriteResult, backoff: Backoff
+        self, missing: list[Leased], result: SendResult, backoff: Backoff
     ) -> None:
-        """A 200 that leaves records out: wait the backoff, then they are sent again."""
-        delay = backoff.delay()
+        """An answer that leaves records out: wait the backoff (at least the upstream's
+        ``retry_after``), then they are sent again."""
+        delay = backoff.delay(result.retry_after or 0.0)
         log.warning(
             "upstream_answer_incomplete",
             missing=len(missing),
@@ -267,14 +281,14 @@ class Forwarder:
     def _reason(exc: BatchTooLarge | BatchRejected) -> str:
         return f"{exc} (request_id={exc.request_id})"
 
-    async def _send(self, part: Part, backoff: Backoff) -> WriteResult:
+    async def _send(self, part: Part, backoff: Backoff) -> SendResult:
         """Send ``part`` until the upstream answers with a verdict on its records."""
         while True:
             sink = self.sink
             assert sink is not None, "forwarder not started"
             self.counters.records_sent += len(part.items)
             try:
-                result = await sink.write(part.items, batch_id=part.batch_id)
+                result = await sink.send(part.items, batch_id=part.batch_id)
             except TransientError as exc:
                 self._note_request(exc.request_id)
                 await self._transient(exc, backoff)
@@ -300,16 +314,16 @@ class Forwarder:
             log.info("upstream_reauthorized")
             self._emit_status("connected", None, "credentials accepted again")
         if self.state != OK:
-            log.info("upstream_recovered", previous=self.state)
-        self.state = OK
+            log.info("upstream_recovered", previous=self.state.value)
+        self.tracker.set(OK)
         self.reason = None
         self.next_attempt_at = None
 
     async def _transient(self, exc: TransientError, backoff: Backoff) -> None:
         self.counters.retries += 1
-        if self.state != REAUTH:
-            self.state = RETRYING
         self._error(str(exc))
+        if self.state != REAUTH:
+            self.tracker.set(RETRYING, str(exc))
         delay = backoff.delay(exc.retry_after or 0.0)
         log.warning(
             "upstream_retry",
@@ -331,9 +345,9 @@ class Forwarder:
                 error=str(exc),
                 hint="set a valid upstream token and reload (systemctl reload edge-agent)",
             )
-            self.state = REAUTH
             self.reason = exc.reason
-            self._emit_status(REAUTH, exc.reason, str(exc))
+            self._emit_status(REAUTH.value, exc.reason, str(exc))
+        self.tracker.set(REAUTH, str(exc))
         await self._sleep(self.config.reauth_probe_interval)
 
     def _emit_status(self, state: str, reason: str | None, detail: str) -> None:
@@ -360,7 +374,7 @@ class Forwarder:
 
     # ------------------------------------------------------------------ settling
 
-    async def _settle(self, items: list[Leased], result: WriteResult) -> list[Leased]:
+    async def _settle(self, items: list[Leased], result: SendResult) -> list[Leased]:
         """Ack accepted and duplicates, dead-letter rejected; return unmentioned records."""
         seqs: dict[str, list[int]] = {}
         for item in items:
@@ -397,12 +411,22 @@ class Forwarder:
 
     # ------------------------------------------------------------------ status
 
+    def health(self) -> Component:
+        """The upstream as a component: the least ready of what the answers said (this
+        forwarder's state) and what the sink says of its connection; the sink a part."""
+        own = self.tracker.health
+        if self.sink is None:
+            return Component(Kind.UPSTREAM, "", own)
+        sink = self.sink.health()
+        merged: Health = worst([own, sink])
+        return Component(Kind.UPSTREAM, "", merged, (Component(Kind.SINK, self.sink.type, sink),))
+
     def status(self) -> dict[str, Any]:
-        """The upstream part of ``/v1/status`` (never the token)."""
+        """The upstream part of ``/v1/status`` (never a credential)."""
         sink = self.sink
         return {
-            "url": self.config.url,
-            "state": self.state,
+            "type": self.config.type,
+            "state": self.state.value,
             "reason": self.reason,
             "last_push_at": self.last_push_at,
             "last_attempt_at": self.last_attempt_at,
@@ -412,8 +436,9 @@ class Forwarder:
             "next_attempt_at": self.next_attempt_at,
             "in_flight": self._in_flight,
             "concurrency": len(self._workers),
-            "requests": dict(sink.requests) if sink is not None else {},
-            "wire_bytes": sink.wire_bytes if sink is not None else 0,
+            "requests": {},
+            "wire_bytes": 0,
+            **(sink.status() if sink is not None else {}),
             "records": {
                 "sent": self.counters.records_sent,
                 "accepted": self.counters.accepted,
@@ -424,4 +449,5 @@ class Forwarder:
             "splits": self.counters.splits,
             "bisections": self.counters.bisections,
             "retries": self.counters.retries,
+            "health": self.health().as_dict(),
         }

@@ -247,5 +247,6 @@ def test_resolve_walks_tables_lists_and_source_types() -> None:
     )
     assert resolve("sources.meters.devices.lift.interval", data) == "DeviceConfig.interval"
     assert resolve("sources.meters.enabled", data) == "SourceConfig.enabled"
-    assert resolve("upstream.url", data) == "UpstreamConfig.url"
+    assert resolve("upstream.url", data) == "HttpConfig.url"
+    assert resolve("upstream.backoff_cap", data) == "UpstreamConfig.backoff_cap"
     assert resolve("sources.meters.nonesuch", data) is None

@@ -20,13 +20,11 @@ from upstream_support import (  # fixtures are used by name
 )
 
 from agent import __version__
-from agent.errors import ReauthorizationRequired, TransientError
+from agent.errors import BatchRejected, BatchTooLarge, ReauthorizationRequired, TransientError
 from agent.outbox import Outbox
 from agent.receiver import Receiver
 from agent.sinks.http import (
     Action,
-    BatchRejected,
-    BatchTooLarge,
     HttpSink,
     classify,
     encode_batch,
@@ -93,7 +91,7 @@ def test_encode_batch_is_the_envelopes_verbatim() -> None:
     assert bodies[1] in raw
 
 
-async def test_write_sends_the_v1_headers_and_gzip(
+async def test_send_sends_the_v1_headers_and_gzip(
     tmp_path: Path, receiver: Receiver, outbox: Outbox
 ) -> None:
     await outbox.append(make_records(200))
@@ -101,9 +99,9 @@ async def test_write_sends_the_v1_headers_and_gzip(
     settings = make_settings(tmp_path, receiver.url, gzip_min_bytes=1024)
     sink = HttpSink(settings.upstream, "agent-test")
     try:
-        result = await sink.write(batch, batch_id="batch-42")
+        result = await sink.send(batch, batch_id="batch-42")
     finally:
-        await sink.aclose()
+        await sink.close()
     assert sorted(result.accepted) == sorted(item.id for item in batch)
     headers = receiver.log[-1]["headers"]
     assert headers["authorization"] == f"Bearer {TOKEN}"
@@ -125,7 +123,7 @@ async def test_small_body_is_not_compressed(
     try:
         payload = await sink.prepare(await outbox.lease(10, 1 << 20))
     finally:
-        await sink.aclose()
+        await sink.close()
     assert not payload.gzipped
     assert orjson.loads(payload.content)["agent_id"] == "agent-test"
     with pytest.raises(gzip.BadGzipFile):
@@ -141,21 +139,21 @@ async def test_errors_carry_status_retry_after_and_request_id(
     try:
         receiver.faults.update({"status": 429, "status_count": 1, "retry_after": "3"})
         with pytest.raises(TransientError) as transient:
-            await sink.write(batch)
+            await sink.send(batch, batch_id="b")
         assert transient.value.status == 429
         assert transient.value.retry_after == 3.0
         assert transient.value.request_id == receiver.log[-1]["headers"]["x-request-id"]
         receiver.faults.update({"status": 403, "status_count": 1})
         with pytest.raises(ReauthorizationRequired) as reauth:
-            await sink.write(batch)
+            await sink.send(batch, batch_id="b")
         assert reauth.value.reason == "forbidden"
         receiver.faults.update({"status": 413, "status_count": 1})
         with pytest.raises(BatchTooLarge):
-            await sink.write(batch)
+            await sink.send(batch, batch_id="b")
         receiver.faults.update({"reject_pattern": batch[0].id, "reject_mode": "batch"})
         with pytest.raises(BatchRejected) as rejected:
-            await sink.write(batch)
+            await sink.send(batch, batch_id="b")
         assert rejected.value.code == "poison_record"
         assert sink.requests == {"429": 1, "403": 1, "413": 1, "400": 1}
     finally:
-        await sink.aclose()
+        await sink.close()

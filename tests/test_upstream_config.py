@@ -9,7 +9,7 @@ import pytest
 
 from agent import config as cfg
 from agent.errors import ConfigError
-from agent.sinks.http import UpstreamConfig
+from agent.sinks.http import HttpConfig
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 
@@ -17,7 +17,7 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 def test_example_documents_every_upstream_option() -> None:
     text = EXAMPLE.read_text()
     section = re.split(r"^\[upstream\]$", text, flags=re.M)[1].split("\n[", 1)[0]
-    for name in UpstreamConfig.model_fields:
+    for name in HttpConfig.model_fields:
         assert re.search(rf"^#? ?{name} = ", section, re.M), f"{name} is not in the example"
 
 
@@ -63,3 +63,25 @@ def test_unreadable_tls_files_are_a_config_error(tmp_path: Path) -> None:
     assert err.value.problems == [
         ("upstream.client_cert_file", f"file {missing!r} does not exist")
     ], err.value.problems
+
+
+def test_upstream_union_tells_sinks_apart_by_type_defaulting_to_http() -> None:
+    """With a second sink type registered, ``[upstream]`` is a union on ``type``; a table
+    without ``type`` is still the HTTP sink's (every config written before)."""
+    from typing import Literal  # noqa: PLC0415
+
+    from pydantic import TypeAdapter  # noqa: PLC0415
+
+    from agent.sinks.base import UpstreamConfig  # noqa: PLC0415
+
+    class OtherConfig(UpstreamConfig):
+        type: Literal["other"] = "other"
+        servers: list[str]
+
+    union = TypeAdapter(cfg.upstream_union([HttpConfig, OtherConfig]))
+    assert isinstance(union.validate_python({"url": "https://u.example"}), HttpConfig)
+    other = union.validate_python({"type": "other", "servers": ["a"], "concurrency": 2})
+    assert isinstance(other, OtherConfig)
+    assert other.concurrency == 2
+    with pytest.raises(ValueError, match="servers"):
+        union.validate_python({"type": "other"})

@@ -1,9 +1,9 @@
-"""The upstream HTTPS sink (Upstream API v1, see docs/upstream-api.md).
+"""The upstream HTTPS sink, ``upstream.type = "http"`` (Upstream API v1, docs/upstream-api.md).
 
 :class:`HttpSink` posts leased outbox records to ``{url}/v1/ingest`` and turns the
-answer into a :class:`WriteResult` or a typed error. Every answer, and every failure to
-get one, is sorted by ONE function, :func:`classify`; the forwarder acts on its verdict
-(ack, retry with backoff, wait for new credentials, split, bisect).
+answer into a :class:`~agent.sinks.base.SendResult` or a typed error. Every answer, and
+every failure to get one, is sorted by ONE function, :func:`classify`; the forwarder acts
+on its verdict (ack, retry with backoff, wait for new credentials, split, bisect).
 """
 
 from __future__ import annotations
@@ -17,34 +17,35 @@ import time
 import uuid
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
 import orjson
-from pydantic import SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import SecretStr, field_validator, model_validator
 
 from agent import __version__
 from agent.configtypes import (
     ByteSize,
-    Duration,
     ExistingFile,
     PositiveDuration,
     SecretFilePath,
-    Section,
-    at_least,
     secret_value,
     warn,
 )
-from agent.errors import PermanentError, ReauthorizationRequired, TransientError
+from agent.errors import BatchRejected, BatchTooLarge, ReauthorizationRequired, TransientError
+from agent.health import State
 from agent.outbox import Leased
+from agent.sinks.base import Rejection, SendResult, Sink, SinkPlugin, UpstreamConfig
 
 
-class UpstreamConfig(Section):
-    """Where records go (``[upstream]``): the unified maintenance API."""
+class HttpConfig(UpstreamConfig):
+    """``[upstream]`` with ``type = "http"`` (the default): the unified maintenance API."""
 
+    type: Literal["http"] = "http"
+    """``http``: POST batches to ``{url}/v1/ingest`` (the default)."""
     url: str
     """Base URL of the upstream; records are POSTed to ``{url}/v1/ingest``."""
     token: SecretStr | None = None
@@ -71,25 +72,15 @@ class UpstreamConfig(Section):
     error answers too, is a protocol error: counted (``requests.answer_too_large``), logged
     with the request id, retried with backoff; none of its records is acknowledged. A
     normal answer lists about 40 bytes per record (up to ~600 with a rejection message)."""
-    batch_max_records: int = 1000
-    """Most records in one request."""
-    batch_max_bytes: ByteSize = 4 << 20
-    """Most record bytes in one request (before compression)."""
     gzip_min_bytes: ByteSize = 8 << 10
     """Compress request bodies at least this large."""
-    backoff_initial: PositiveDuration = 1.0
-    """First retry delay after a transient failure (full-jitter exponential)."""
-    backoff_cap: PositiveDuration = 300.0
-    """Longest retry delay."""
-    reauth_probe_interval: PositiveDuration = 300.0
-    """While the token is refused (401/403): how often to probe again."""
-    concurrency: int = 1
-    """Requests in flight at once. Per-entity order holds at any value."""
-    drain_timeout: Duration = 30.0
-    """On shutdown: how long to keep delivering before exiting (the rest stays queued)."""
+
+    def target(self) -> str:
+        """The base URL."""
+        return self.url
 
     @model_validator(mode="after")
-    def _warn_unauthenticated(self) -> UpstreamConfig:
+    def _warn_unauthenticated(self) -> HttpConfig:
         if self.token is None and self.token_file is None and self.client_cert_file is None:
             warn(
                 "upstream has no token, token_file or client certificate: "
@@ -108,7 +99,7 @@ class UpstreamConfig(Section):
         return value
 
     @model_validator(mode="after")
-    def _check_tls_files(self) -> UpstreamConfig:
+    def _check_tls_files(self) -> HttpConfig:
         # Load them now, so check-config and a reload refuse a bad file instead of the
         # forwarder failing on it later.
         try:
@@ -127,7 +118,7 @@ class UpstreamConfig(Section):
         return value
 
     @model_validator(mode="after")
-    def _warn_small_answers(self) -> UpstreamConfig:
+    def _warn_small_answers(self) -> HttpConfig:
         worst = self.batch_max_records * _ANSWER_BYTES_PER_REJECTION
         if worst > self.max_response_bytes:
             warn(
@@ -137,11 +128,6 @@ class UpstreamConfig(Section):
             )
         return self
 
-    @field_validator("backoff_cap")
-    @classmethod
-    def _check_backoff(cls, value: float, info: ValidationInfo) -> float:
-        return at_least(value, info, "backoff_initial")
-
     @field_validator("proxy")
     @classmethod
     def _check_proxy(cls, value: str | None) -> str | None:
@@ -150,13 +136,6 @@ class UpstreamConfig(Section):
             if url.scheme not in ("http", "https", "socks5", "socks5h") or not url.host:
                 # Never echo it: a proxy URL may carry credentials.
                 raise ValueError("invalid proxy URL (write http://host:port)")
-        return value
-
-    @field_validator("concurrency", "batch_max_records")
-    @classmethod
-    def _positive(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError("must be at least 1")
         return value
 
 
@@ -337,41 +316,6 @@ async def read_answer(response: httpx.Response, limit: int) -> bytes:
     return bytes(body)
 
 
-class BatchTooLarge(PermanentError):
-    """HTTP 413: the upstream refuses a body this large; send smaller batches."""
-
-
-class BatchRejected(PermanentError):
-    """Another 4xx on the whole batch: something in it is refused (``code``, message)."""
-
-    def __init__(
-        self, message: str, *, status: int, code: str | None, request_id: str | None
-    ) -> None:
-        super().__init__(message, status=status, request_id=request_id)
-        self.code = code
-
-
-@dataclass(slots=True)
-class Rejection:
-    """A record the upstream refused, with its code and message."""
-
-    id: str
-    code: str
-    message: str
-
-
-@dataclass(slots=True)
-class WriteResult:
-    """What the upstream did with a batch (HTTP 200)."""
-
-    accepted: list[str] = field(default_factory=list)
-    duplicates: list[str] = field(default_factory=list)
-    rejected: list[Rejection] = field(default_factory=list)
-    status: int = 200
-    request_id: str | None = None
-    wire_bytes: int = 0
-
-
 @dataclass(frozen=True, slots=True)
 class Payload:
     """A request body ready to post (compressed when large enough)."""
@@ -397,7 +341,7 @@ def encode_batch(agent_id: str, batch_id: str, records: Sequence[bytes]) -> byte
     )
 
 
-def ssl_context(config: UpstreamConfig) -> ssl.SSLContext | bool:
+def ssl_context(config: HttpConfig) -> ssl.SSLContext | bool:
     """TLS settings: verification on by default, extra CA bundle, client certificate."""
     if not config.tls_verify:
         return False
@@ -409,7 +353,7 @@ def ssl_context(config: UpstreamConfig) -> ssl.SSLContext | bool:
     return ctx
 
 
-def _transport_settings(config: UpstreamConfig) -> tuple[Any, ...]:
+def _transport_settings(config: HttpConfig) -> tuple[Any, ...]:
     """The fields that need a new client when they change (the token does not)."""
     return (
         config.tls_verify,
@@ -438,11 +382,11 @@ def _error_body(body: bytes, reason: str) -> tuple[str | None, str, str | None]:
     )
 
 
-def _parse_result(body: bytes, status: int, request_id: str | None) -> WriteResult:
+def _parse_result(body: bytes, status: int, request_id: str | None) -> SendResult:
     """A 200 answer; a malformed one is a transient error (the upstream is broken)."""
     try:
         answer = orjson.loads(body)
-        result = WriteResult(
+        result = SendResult(
             accepted=[str(i) for i in answer.get("accepted", [])],
             duplicates=[str(i) for i in answer.get("duplicates", [])],
             rejected=[
@@ -479,27 +423,32 @@ def proxy_label(proxy: str) -> str:
     return f"{parts.scheme}://{parts.hostname}{port}"
 
 
-class HttpSink:
+class HttpSink(Sink):
     """Posts batches to ``{url}/v1/ingest`` over one keep-alive :class:`httpx.AsyncClient`.
 
-    ``write`` returns a :class:`WriteResult` (HTTP 2xx) or raises :class:`TransientError`,
+    ``send`` returns a :class:`SendResult` (HTTP 2xx) or raises :class:`TransientError`,
     :class:`ReauthorizationRequired`, :class:`BatchTooLarge` or :class:`BatchRejected`
     according to :func:`classify`. The token is read from the config on every attempt, so
     :meth:`reconfigure` with a new token takes effect on the very next request.
     """
 
+    type = "http"
+    config: HttpConfig
+
     def __init__(self, config: UpstreamConfig, agent_id: str) -> None:
-        self.config = config
-        self.agent_id = agent_id
+        assert isinstance(config, HttpConfig)
+        super().__init__(config, agent_id)
         self._client = self._build(config)
         self._retired: list[httpx.AsyncClient] = []
         self.requests: dict[str, int] = {}
         """Attempts by outcome: HTTP status code, or connect_error, timeout, ..."""
         self.wire_bytes = 0
         self.last_request_id: str | None = None
+        # Stateless between requests: what the answers say is the forwarder's to track.
+        self.tracker.set(State.OK)
 
     @staticmethod
-    def _build(config: UpstreamConfig) -> httpx.AsyncClient:
+    def _build(config: HttpConfig) -> httpx.AsyncClient:
         keep = max(1, config.concurrency)
         return httpx.AsyncClient(
             verify=ssl_context(config),
@@ -518,6 +467,7 @@ class HttpSink:
 
     def reconfigure(self, config: UpstreamConfig, agent_id: str) -> None:
         """Apply a reloaded config: a new token at once; TLS/proxy/timeouts via a new client."""
+        assert isinstance(config, HttpConfig)
         if _transport_settings(config) != _transport_settings(self.config):
             # Requests in flight finish on the old client; it is closed with the sink.
             self._retired.append(self._client)
@@ -525,11 +475,19 @@ class HttpSink:
         self.config = config
         self.agent_id = agent_id
 
-    async def aclose(self) -> None:
+    async def close(self) -> None:
         """Close every connection."""
         for client in (*self._retired, self._client):
             await client.aclose()
         self._retired.clear()
+
+    def status(self) -> dict[str, Any]:
+        """The URL, attempts by outcome and bytes sent."""
+        return {
+            "url": self.config.url,
+            "requests": dict(self.requests),
+            "wire_bytes": self.wire_bytes,
+        }
 
     @property
     def url(self) -> str:
@@ -548,12 +506,12 @@ class HttpSink:
             packed = gzip.compress(raw, GZIP_LEVEL, mtime=0)
         return Payload(bid, packed, len(raw), gzipped=True)
 
-    async def write(self, batch: Sequence[Leased], *, batch_id: str | None = None) -> WriteResult:
+    async def send(self, batch: Sequence[Leased], *, batch_id: str) -> SendResult:
         """Send ``batch`` once. ``batch_id`` (the Idempotency-Key) is kept across retries."""
         payload = await self.prepare(batch, batch_id)
         return await self.post(payload)
 
-    async def post(self, payload: Payload) -> WriteResult:
+    async def post(self, payload: Payload) -> SendResult:
         """Post a prepared body once and classify the outcome."""
         rid = str(uuid.uuid4())
         headers = {
@@ -607,7 +565,7 @@ class HttpSink:
     def _count(self, key: str) -> None:
         self.requests[key] = self.requests.get(key, 0) + 1
 
-    def _answer(self, response: httpx.Response, body: bytes, rid: str, sent: int) -> WriteResult:
+    def _answer(self, response: httpx.Response, body: bytes, rid: str, sent: int) -> SendResult:
         status = response.status_code
         verdict = classify(status)
         if verdict.action is Action.DELIVERED:
@@ -631,3 +589,6 @@ class HttpSink:
             retry_after=parse_retry_after(response.headers.get("retry-after")),
             request_id=request_id,
         )
+
+
+plugin = SinkPlugin("http", HttpConfig, HttpSink)
