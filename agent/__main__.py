@@ -65,7 +65,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         warnings += preflight.service_warnings(settings, file, view)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    enabled = [n for n, s in settings.sources.items() if getattr(s, "enabled", True)]
+    enabled = [n for n, s in settings.sources.items() if s.enabled]
     print(
         f"{file}: OK ({len(settings.sources)} sources, {len(enabled)} enabled; "
         f"outbox {settings.outbox_path()}; upstream {settings.upstream.target()})"
@@ -87,7 +87,7 @@ def _connect(settings: cfg.Settings, file: Path) -> int:
         problems: list[tuple[str, str]] = []
         configured: dict[str, SourceConfig] = settings.sources
         for name, conf in configured.items():
-            probe = getattr(source_plugins.plugin(conf.type), "probe", None)
+            probe = source_plugins.source_plugin(conf.type).probe
             if probe is not None and conf.enabled:
                 problems += await probe(name, conf)
                 print(f"[sources.{name}] ({conf.type}): probed", file=sys.stderr)
@@ -108,7 +108,7 @@ def _explain(settings: cfg.Settings) -> None:
 
     configured: dict[str, SourceConfig] = settings.sources
     for name, conf in configured.items():
-        explain = getattr(source_plugins.plugin(conf.type), "explain", None)
+        explain = source_plugins.source_plugin(conf.type).explain
         if explain is not None:
             print(f"\n[sources.{name}] ({conf.type})")
             print(explain(conf))

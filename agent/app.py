@@ -75,7 +75,7 @@ class SourceSlot:
             "last_append_at": self.last_append_at,
             "started_at": self.started_at,
             **{k: v for k, v in own.items() if k not in {"state", "records"}},
-            **({"rules": dict(r.counters)} if (r := getattr(self.source, "rules", None)) else {}),
+            **({"rules": dict(r.counters)} if self.source and (r := self.source.rules) else {}),
         }
 
 
@@ -304,12 +304,11 @@ class Agent:
         while True:
             began = time.monotonic()
             try:
-                module = source_plugins.plugin(slot.config.type)
-                slot.source = module.source_class(slot.name, slot.config, context)
+                plugin = source_plugins.source_plugin(slot.config.type)
+                slot.source = source = plugin.build(slot.name, slot.config, context)
                 slot.state = "running"
                 slot.started_at = time.time()
-                assert slot.source is not None
-                await run_source(slot.source, SlotOutput(self.outbox, slot))
+                await run_source(source, SlotOutput(self.outbox, slot), rules=plugin.rules)
                 raise RuntimeError("source returned without being cancelled")
             except asyncio.CancelledError:
                 slot.state = "stopped"
@@ -418,22 +417,21 @@ class Agent:
         """Per SQL source and entity: last sync, status, error, next run, progress."""
         out: dict[str, Any] = {}
         for name, slot in self.slots.items():
-            fn = getattr(slot.source, "sync_status", None)
-            if callable(fn):
-                out[name] = fn()
+            sync = source_plugins.source_plugin(slot.config.type).sync
+            if sync is not None and slot.source is not None:
+                out[name] = sync.status(slot.source)
         return out
 
     async def request_sync(self, name: str, entities: list[str] | None, full: bool) -> Any:
         """Ask source ``name`` for a manual (or full) sync. KeyError: no such source;
         TypeError: the source cannot sync on demand."""
         slot = self.slots[name]
-        fn = getattr(slot.source, "request_sync", None)
-        if not callable(fn):
+        sync = source_plugins.source_plugin(slot.config.type).sync
+        if sync is None:
             raise TypeError(f"source {name!r} ({slot.config.type}) does not sync on demand")
-        result = fn(entities, full)
-        if asyncio.iscoroutine(result):
-            result = await result
-        return result if result is not None else entities or "all"
+        if slot.source is None:
+            raise TypeError(f"source {name!r} is not running")
+        return sync.request(slot.source, entities, full)
 
     async def status(self) -> dict[str, Any]:
         """Everything /v1/status shows (never a secret)."""

@@ -241,7 +241,7 @@ def _message(err: Any) -> str:
     if kind == "union_tag_invalid" or (kind == "literal_error" and _is_type_key(err["loc"])):
         return _unknown_type(err["loc"], value)
     if kind == "union_tag_not_found":
-        return "missing 'type' (one of: " + ", ".join(source_plugins.REGISTRY) + ")"
+        return "missing 'type' (one of: " + ", ".join(source_plugins.source_types()) + ")"
     msg = str(msg).removeprefix("Value error, ")
     if _is_secret_key(err["loc"]):  # e.g. `password = 123456` unquoted: never echo it
         return msg

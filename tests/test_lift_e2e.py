@@ -57,7 +57,7 @@ RULES: list[dict[str, Any]] = [
 async def supervised(source: Source, box: Outbox) -> AsyncIterator[Source]:
     """Run a source the way the supervisor does (rules hook and counting output)."""
     slot = SourceSlot(source.name, source.config, source)
-    task = asyncio.create_task(run_source(source, SlotOutput(box, slot)))
+    task = asyncio.create_task(run_source(source, SlotOutput(box, slot), rules=True))
     try:
         yield source
     finally:

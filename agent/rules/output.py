@@ -129,13 +129,14 @@ async def load_engine(source: Source, rules: list[RuleConfig], out: Output) -> R
     return engine
 
 
-async def run_source(source: Source, out: Output) -> None:
-    """Run ``source`` (what the supervisor awaits), with its rules if it has any."""
-    rules: list[RuleConfig] = list(getattr(source.config, "rules", []) or [])
-    if not rules:
+async def run_source(source: Source, out: Output, *, rules: bool) -> None:
+    """Run ``source`` (what the supervisor awaits), with its rules if its plugin runs
+    rules (``rules``) and its config has any."""
+    configured = list(source.config.rules) if rules else []
+    if not configured:
         await source.run(out)
         return
-    wrapped = RuleOutput(out, await load_engine(source, rules, out))
+    wrapped = RuleOutput(out, await load_engine(source, configured, out))
     source.rules = wrapped.engine  # status shows the rule counters
     timer = asyncio.create_task(wrapped.run_timer(), name=f"rules:{source.name}")
     try:

@@ -1,28 +1,47 @@
-"""Source plugins. Adding one: its module, and ONE line in :data:`REGISTRY`.
+"""Source plugins. Adding one: its package, and ONE line in :data:`SOURCES`.
 
-Each plugin module defines ``config_class`` (a :class:`~agent.sources.base.SourceConfig`
-subclass whose ``type`` is a ``Literal`` of the registry key) and ``source_class`` (a
-:class:`~agent.sources.base.Source` subclass).
+Each plugin package defines ``plugin = SourcePlugin(...)``
+(:class:`~agent.sources.base.SourcePlugin`): its type, config class (a
+:class:`~agent.sources.base.SourceConfig` subclass whose ``type`` is a ``Literal`` of the
+registry key), source class, and the optional abilities it declares (probe, explain,
+sync, tap, rules). The core asks :func:`source_plugin` what a source can do.
 """
 
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+from typing import Any
 
-REGISTRY: dict[str, str] = {
-    # type: module
+from agent.sources.base import SourceConfig, SourcePlugin
+
+SOURCES: dict[str, str] = {
+    # type: package defining ``plugin``
     "modbus": "agent.sources.modbus",
     "mqtt": "agent.sources.mqtt",
     "sql": "agent.sources.sql",
 }
+"""Every source type and the package that implements it (loaded when first asked for)."""
 
 
-def plugin(kind: str) -> ModuleType:
-    """The module implementing source type ``kind``."""
-    return importlib.import_module(REGISTRY[kind])
+def source_types() -> list[str]:
+    """Every registered source type, in registry order."""
+    return list(SOURCES)
 
 
-def config_classes() -> list[type]:
+def source_plugin(kind: str) -> SourcePlugin[Any, Any]:
+    """The plugin of source type ``kind``; KeyError when there is none."""
+    module = importlib.import_module(SOURCES[kind])
+    plugin = module.plugin
+    if not isinstance(plugin, SourcePlugin) or plugin.type != kind:
+        raise TypeError(f"{SOURCES[kind]}.plugin must be a SourcePlugin of type {kind!r}")
+    return plugin
+
+
+def source_plugins() -> list[SourcePlugin[Any, Any]]:
+    """Every registered source plugin, in registry order."""
+    return [source_plugin(kind) for kind in SOURCES]
+
+
+def config_classes() -> list[type[SourceConfig]]:
     """Every registered source config class, for the config union."""
-    return [plugin(kind).config_class for kind in REGISTRY]
+    return [p.config_class for p in source_plugins()]

@@ -11,10 +11,11 @@ supervisor restarts the source with jittered backoff.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+import builtins
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, NamedTuple, Protocol, TypeVar
 
 from pydantic import Field, field_validator
 
@@ -146,3 +147,85 @@ class Source(abc.ABC):
     def status(self) -> dict[str, Any]:
         """Source-specific status figures (state, last success, last error, counters)."""
         return {}
+
+
+# ---------------------------------------------------------------------- the plugin record
+
+C = TypeVar("C", bound=SourceConfig)
+S = TypeVar("S", bound=Source)
+
+Problems = list[tuple[str, str]]
+"""Problems as ``(key path, message)``, the shape :class:`~agent.errors.ConfigError` takes."""
+
+
+@dataclass(frozen=True, slots=True)
+class SyncAbility(Generic[S]):
+    """A source that syncs on demand and reports per-entity sync state (SQL).
+
+    ``request(source, entities, full)`` is ``POST /v1/sources/{name}/sync`` (unknown
+    entity names raise KeyError; returns what was scheduled); ``status(source)`` is the
+    source's part of ``/v1/sync-status``.
+    """
+
+    request: Callable[[S, list[str] | None, bool], list[str]]
+    status: Callable[[S], dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class TapRequest:
+    """What ``edge-agent tap`` asks a source for: records it would produce right now,
+    written nowhere (no outbox, no acknowledgement, no cursor moved)."""
+
+    entity: str | None = None
+    """Only this entity (SQL) or point (MQTT, Modbus); None: everything."""
+    limit: int = 10
+    """Stop after this many records or bad inputs."""
+    timeout: float = 10.0
+    """Longest wait for input that comes when it comes (MQTT)."""
+
+
+Tapped = Record | Quarantined
+"""One tapped item: a record as the upstream would get it, or a bad input with its
+reason (shown, never hidden)."""
+
+Tap = Callable[[str, C, SourceContext, TapRequest], AsyncIterator[Tapped]]
+"""``tap(name, config, context, request)``: the items a source would produce now."""
+
+
+@dataclass(frozen=True, slots=True)
+class SourcePlugin(Generic[C, S]):
+    """What a source module registers (``plugin = SourcePlugin(...)``): its type, config
+    class and source class, and the optional abilities it has. The core asks this record
+    what a source can do; it never probes a source or module with ``getattr``.
+    """
+
+    type: str
+    """The ``[sources.<name>] type`` this plugin implements."""
+    config_class: builtins.type[C]
+    source_class: builtins.type[S]
+    probe: Callable[[str, C], Awaitable[Problems]] | None = None
+    """``check-config --connect``: ask the live peer whether the config fits it."""
+    explain: Callable[[C], str] | None = None
+    """``check-config --explain``: what the source will do, as text (Modbus read plans)."""
+    sync: SyncAbility[S] | None = None
+    """Manual and full syncs, and ``/v1/sync-status`` (SQL)."""
+    tap: Tap[C] | None = None
+    """``edge-agent tap``: the records the source would produce now, written nowhere."""
+    rules: bool = False
+    """Whether edge rules (``[[sources.<name>.rules]]``) run on this source's records."""
+
+    def build(self, name: str, config: SourceConfig, context: SourceContext) -> S:
+        """A new source ``name`` for ``config`` (of this plugin's config class)."""
+        assert isinstance(config, self.config_class), type(config)
+        return self.source_class(name, config, context)
+
+    def capabilities(self) -> list[str]:
+        """The optional abilities this plugin declares, by name (for messages and docs)."""
+        named = {
+            "probe": self.probe,
+            "explain": self.explain,
+            "sync": self.sync,
+            "tap": self.tap,
+            "rules": self.rules or None,
+        }
+        return [name for name, ability in named.items() if ability is not None]

@@ -1,14 +1,15 @@
 """MQTT source plugin: QoS 1 persistent subscriptions, ack after commit, payload mapping.
 
 See docs/mqtt.md. The modules: :mod:`.config` (the TOML tables), :mod:`.mapping` (message
-to records, report-by-exception), :mod:`.sparkplug` (Sparkplug B decoding) and
-:mod:`.source` (connection, reconnect, acknowledgement).
+to records, report-by-exception), :mod:`.sparkplug` (Sparkplug B decoding),
+:mod:`.client` (the one place that touches paho/aiomqtt internals) and :mod:`.source`
+(connection, reconnect, acknowledgement). The plugin record declares rules.
 """
 
+from agent.sources.base import SourcePlugin
 from agent.sources.mqtt.config import MqttConfig
 from agent.sources.mqtt.source import MqttSource
 
-config_class = MqttConfig
-source_class = MqttSource
+plugin = SourcePlugin("mqtt", MqttConfig, MqttSource, rules=True)
 
-__all__ = ["MqttConfig", "MqttSource", "config_class", "source_class"]
+__all__ = ["MqttConfig", "MqttSource", "plugin"]
