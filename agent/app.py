@@ -14,7 +14,7 @@ import contextlib
 import gc
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,9 @@ from agent import sources as source_plugins
 from agent.backoff import Backoff
 from agent.errors import ConfigError
 from agent.forwarder import Forwarder
-from agent.outbox import AppendResult, Cursor, Outbox, Quarantined
-from agent.records import Record, builder_implementation
-from agent.rules.output import run_source
+from agent.outbox import AppendResult, Outbox
+from agent.pipeline import run_source
+from agent.records import builder_implementation
 from agent.sources.base import Source, SourceConfig, SourceContext
 
 log = structlog.get_logger("agent.app")
@@ -58,6 +58,14 @@ class SourceSlot:
     quarantined: int = 0
     last_append_at: float | None = None
 
+    def count(self, result: AppendResult, quarantined: int) -> None:
+        """Count one committed append of this source's pipeline (status, metrics)."""
+        self.records += result.stored
+        self.unchanged += result.unchanged
+        self.dropped += result.dropped
+        self.quarantined += quarantined
+        self.last_append_at = time.time()
+
     def status(self) -> dict[str, Any]:
         """The supervisor's view plus the source's own figures."""
         own = self.source.status() if self.source is not None else {}
@@ -77,40 +85,6 @@ class SourceSlot:
             **{k: v for k, v in own.items() if k not in {"state", "records"}},
             **({"rules": dict(r.counters)} if self.source and (r := self.source.rules) else {}),
         }
-
-
-class SlotOutput:
-    """What a source appends through: the outbox, counted per source for status/metrics."""
-
-    def __init__(self, outbox: Outbox, slot: SourceSlot) -> None:
-        self.outbox = outbox
-        self.slot = slot
-
-    async def append(
-        self,
-        records: Sequence[Record],
-        cursor: Cursor | Sequence[Cursor] | None = None,
-        *,
-        dedupe: bool = False,
-        quarantine: Sequence[Quarantined] = (),
-    ) -> AppendResult:
-        """Append through the outbox and count what it did."""
-        result = await self.outbox.append(records, cursor, dedupe=dedupe, quarantine=quarantine)
-        slot = self.slot
-        slot.records += result.stored
-        slot.unchanged += result.unchanged
-        slot.dropped += result.dropped
-        slot.quarantined += len(quarantine)
-        slot.last_append_at = time.time()
-        return result
-
-    async def cursor(self, source: str, key: str) -> Any | None:
-        """The last committed cursor value."""
-        return await self.outbox.cursor(source, key)
-
-    def __getattr__(self, name: str) -> Any:
-        # Sources may use other outbox reads (cursors(), stats()); pass them through.
-        return getattr(self.outbox, name)
 
 
 @dataclass
@@ -308,7 +282,7 @@ class Agent:
                 slot.source = source = plugin.build(slot.name, slot.config, context)
                 slot.state = "running"
                 slot.started_at = time.time()
-                await run_source(source, SlotOutput(self.outbox, slot), rules=plugin.rules)
+                await run_source(source, self.outbox, rules=plugin.rules, on_commit=slot.count)
                 raise RuntimeError("source returned without being cancelled")
             except asyncio.CancelledError:
                 slot.state = "stopped"

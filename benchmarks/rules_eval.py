@@ -1,8 +1,8 @@
 """Benchmark: what edge rules cost on the append path.
 
-Figure: records/s appended through the rules hook (RuleOutput, 6 rules of every type on
-200 lifts, about 1 % of samples raising or clearing a rule) into a real outbox, in
-batches of 100 as the MQTT source commits them.
+Figure: records/s appended through a source's pipeline with its rules engine (6 rules of
+every type on 200 lifts, about 1 % of samples raising or clearing a rule) into a real
+outbox, in batches of 100 as the MQTT source commits them.
 Ceiling, measured in the same run on the same disk: the same batches appended straight
 into an outbox without rules.
 
@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pydantic import TypeAdapter
 
 from agent.outbox import Outbox
+from agent.pipeline import Pipeline
 from agent.records import EntityType, Record, SourceRef
 from agent.rules.config import RuleConfig
 from agent.rules.engine import RuleEngine
-from agent.rules.output import RuleOutput
 
 SRC = SourceRef("bench-lifts", "mqtt", "site-a")
 T0 = datetime(2026, 11, 22, tzinfo=UTC)
@@ -87,7 +87,7 @@ def make_records(n: int) -> list[Record]:
 
 async def run(path: Path, records: list[Record], batch: int, rules: bool) -> float:
     async with Outbox(path, max_bytes=1 << 34) as box:
-        out = RuleOutput(box, RuleEngine(SRC.name, RULES, SRC)) if rules else box
+        out = Pipeline(box, RuleEngine(SRC.name, RULES, SRC)) if rules else box
         began = time.perf_counter()
         for i in range(0, len(records), batch):
             await out.append(records[i : i + batch])

@@ -31,10 +31,10 @@ from pydantic import TypeAdapter
 
 from agent.errors import OutboxWriteError
 from agent.outbox import AppendResult, Outbox
+from agent.pipeline import Pipeline
 from agent.records import EntityType, Record, SourceRef
 from agent.rules.config import RuleConfig
 from agent.rules.engine import RuleEngine
-from agent.rules.output import RuleOutput
 from tests.outbox_helpers import pin_epoch
 
 RULES = TypeAdapter(list[RuleConfig])
@@ -104,7 +104,7 @@ class Case:
         pin_epoch(workdir / "outbox.db", EPOCH)
         self.box = Outbox(workdir / "outbox.db")
         self.flaky = FlakyOutbox(self.box)
-        self.out: RuleOutput | None = None
+        self.out: Pipeline | None = None
         self.seen = 0
         self.lines: list[dict[str, Any]] = []
 
@@ -113,7 +113,7 @@ class Case:
         saved = await self.box.cursors(self.ref.name)
         first = self._first_time()
         engine.restore(saved, first)
-        self.out = RuleOutput(self.flaky, engine)
+        self.out = Pipeline(self.flaky, engine)
 
     def _first_time(self) -> float:
         for raw in (self.folder / "input.jsonl").read_text().splitlines():

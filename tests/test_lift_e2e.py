@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from agent.app import SlotOutput, SourceSlot
+from agent.app import SourceSlot
 from agent.outbox import Outbox
-from agent.rules.output import run_source
+from agent.pipeline import run_source
 from agent.sources.base import Source, SourceContext
 from agent.sources.modbus import ModbusConfig, ModbusSource
 from agent.sources.mqtt import MqttConfig, MqttSource
@@ -57,7 +57,7 @@ RULES: list[dict[str, Any]] = [
 async def supervised(source: Source, box: Outbox) -> AsyncIterator[Source]:
     """Run a source the way the supervisor does (rules hook and counting output)."""
     slot = SourceSlot(source.name, source.config, source)
-    task = asyncio.create_task(run_source(source, SlotOutput(box, slot), rules=True))
+    task = asyncio.create_task(run_source(source, box, rules=True, on_commit=slot.count))
     try:
         yield source
     finally:

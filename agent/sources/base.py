@@ -92,7 +92,9 @@ class SourceConfig(Section):
 
 
 class Output(Protocol):
-    """Where a source puts its records: the outbox (or a test double of it)."""
+    """Where a source puts its records, and the outbox reads it may make: what
+    :class:`~agent.pipeline.Pipeline` offers a source, and what it needs of the outbox
+    (:class:`~agent.outbox.Outbox`, or a test double of it)."""
 
     async def append(
         self,
@@ -107,6 +109,10 @@ class Output(Protocol):
 
     async def cursor(self, source: str, key: str) -> Any | None:
         """The last committed cursor value (None when never set)."""
+        ...
+
+    async def cursors(self, source: str) -> dict[str, Any]:
+        """Every committed cursor of ``source``, by key (the rules engine's state)."""
         ...
 
     def key_set(self, source: str, name: str) -> KeySet:
