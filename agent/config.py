@@ -55,7 +55,7 @@ class AgentSection(Section):
     @field_validator("profile_dirs")
     @classmethod
     def _check_profiles(cls, value: list[Path]) -> list[Path]:
-        return profiles.check_dirs(value)
+        return profiles.check_dirs(value, source_plugins.profile_carriers())
 
 
 class LoggingSection(Section):

@@ -12,6 +12,8 @@ import pytest
 from agent import config as cfg
 from agent import profiles
 from agent.errors import ConfigError
+from agent.sources.modbus import config as modbus_config
+from agent.sources.mqtt import config as mqtt_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,8 +59,8 @@ def test_every_shipped_profile_loads_and_maps_both_protocols() -> None:
     assert {"lift_generic", "escalator_generic", "lift_acme_mx3"} <= set(names)
     for name in names:
         profile = profiles.load(name)
-        modbus = profiles.points_for(name, "modbus")
-        mqtt = profiles.points_for(name, "mqtt")
+        modbus = modbus_config.profile_points(name, 0)
+        mqtt = mqtt_config.profile_points(name)
         assert len(modbus) == len(mqtt) == len(profile.points), name
         for point in modbus:
             if point.kind != "reading":
@@ -84,11 +86,11 @@ def test_vendor_profile_maps_its_codes_onto_the_normalized_ones() -> None:
     vendor = profiles.load("lift_acme_mx3")
     normalized = {c.code for c in generic.values()}
     assert {c.code for c in vendor.codes["fault"].values()} <= normalized
-    fault = next(p for p in profiles.points_for("lift_acme_mx3", "modbus") if p.name == "fault")
+    fault = next(p for p in modbus_config.profile_points("lift_acme_mx3", 0) if p.name == "fault")
     assert fault.address == 20  # the vendor's register, not the generic one
     assert fault.codes["105"].code == "door_lock_fault"
     # Inherited points keep the generic layout.
-    trips = next(p for p in profiles.points_for("lift_acme_mx3", "modbus") if p.name == "trips")
+    trips = next(p for p in modbus_config.profile_points("lift_acme_mx3", 0) if p.name == "trips")
     assert trips.address == 0
 
 
@@ -159,6 +161,10 @@ def test_site_profile_dir_adds_and_shadows_profiles(tmp_path: Path) -> None:
             "points.0.codes",
         ),
         ('name = "broken"\n[[points]]\nnam = "x"\n', "points.0.nam"),
+        (
+            'name = "broken"\n[[points]]\nname = "x"\nmodbu = { address = 1 }\n',
+            "points.0.modbu: no source type reads profile points from 'modbu'",
+        ),
         ('name = "broken"\n[[points\n', "invalid TOML"),
         ('name = "other"\n', "must be 'broken'"),
         ('name = "broken"\nextends = "broken"\n', "extends itself"),

@@ -9,18 +9,24 @@ generic lift, say) and replaces what it redefines: points by name, code tables b
 
 Profiles are looked up in ``[agent] profile_dirs`` first (a site's own files, which may
 also shadow a shipped profile), then among the profiles shipped in this package.
+
+This module knows no source type. A point says how each source type carries it in a
+table named after that type (``modbus = {...}``, ``mqtt = {...}``: :attr:`ProfilePoint.
+carriers`); the source plugin that reads profiles converts such a table, with
+:func:`common`, into its own point config (its ``SourcePlugin.profile_point``), and
+:func:`convert` names the profile file and key of a table that does not fit.
 """
 
 from __future__ import annotations
 
 import contextvars
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, model_validator
 
 from agent.codes import Code, Severity
 from agent.configtypes import Section
@@ -57,12 +63,30 @@ class ProfilePoint(Section):
     """Severity of a code missing from the table."""
     rbe: ReportByException | None = None
     """Report-by-exception (default for state/fault points: on change)."""
-    modbus: dict[str, Any] | None = None
-    """Where a Modbus device holds it: ``table``, ``address``, ``type``, ``bit``, ``order``,
-    ``scale``, ``offset``... (as in a Modbus point). Absent: not available over Modbus."""
-    mqtt: dict[str, Any] | None = None
-    """Where an MQTT JSON payload holds it: ``path``, ``type``, ``scale``, ``quality_path``...
-    (as in an MQTT point). Absent: not available over MQTT."""
+    carriers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """How each source type carries the point, one table per type, written as a key of
+    the point: ``modbus = { table, address, type, bit, order, scale, offset... }`` (as in
+    a Modbus point), ``mqtt = { path, type, scale, quality_path... }`` (as in an MQTT
+    point). A source type without a table does not get the point."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_carriers(cls, data: Any) -> Any:
+        # ``modbus = {...}`` in the file: every table-valued key that is not a field of
+        # the point is a source type's table (an unknown type is refused by check_dirs)
+        if not isinstance(data, dict):
+            return data
+        tables = {
+            k: v for k, v in data.items() if k not in cls.model_fields and isinstance(v, dict)
+        }
+        if not tables:
+            return data
+        rest = {k: v for k, v in data.items() if k not in tables}
+        return {**rest, "carriers": {**rest.get("carriers", {}), **tables}}
+
+    def carried_by(self, carrier: str) -> dict[str, Any] | None:
+        """The table of source type ``carrier``; None when it does not carry the point."""
+        return self.carriers.get(carrier)
 
 
 class Profile(Section):
@@ -82,6 +106,7 @@ class Profile(Section):
     """Code tables: ``[codes.fault]`` ``"17" = { code = "door_lock_fault", ... }``."""
     points: list[ProfilePoint] = Field(default_factory=list)
     """The points."""
+    _path: Path | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _check(self) -> Profile:
@@ -142,13 +167,16 @@ def _read(path: Path) -> Profile:
         raise ProfileError(f"profile file {path}: {_loc(first['loc'])}: {msg}") from None
     if profile.name != path.stem:
         raise ProfileError(f"profile file {path}: name {profile.name!r} must be {path.stem!r}")
+    profile._path = path
     _cache[key] = profile
     return profile
 
 
 def load(name: str, _chain: tuple[str, ...] = ()) -> Profile:
-    """The profile ``name`` with ``extends`` resolved and every point checked against the
-    Modbus and MQTT point schemas. Raises :class:`ProfileError`."""
+    """The profile ``name`` with ``extends`` resolved and its code table references
+    checked. Raises :class:`ProfileError`. (Whether a source type's table of a point
+    fits that type's point config is the plugin's to say: :func:`convert`,
+    :func:`check_dirs`.)"""
     path = _find(name)
     if name in _chain:
         raise ProfileError(
@@ -162,31 +190,24 @@ def load(name: str, _chain: tuple[str, ...] = ()) -> Profile:
         points = merge(base.points, profile.points)
         codes = {**base.codes, **profile.codes}
         profile = profile.model_copy(update={"points": points, "codes": codes, "extends": None})
+        profile._path = path
     if not _chain:
-        _check_points(profile, path)
+        _check_codes(profile, path)
     return profile
 
 
-def _check_points(profile: Profile, path: Path) -> None:
+def _check_codes(profile: Profile, path: Path) -> None:
     for i, point in enumerate(profile.points):
         if point.codes is not None and point.codes not in profile.codes:
             raise ProfileError(
                 f"profile file {path}: points.{i}.codes: no code table {point.codes!r} "
                 f"(have: {', '.join(sorted(profile.codes)) or 'none'})"
             )
-        for proto, convert in (("modbus", modbus_point), ("mqtt", mqtt_point)):
-            if getattr(point, proto) is None:
-                continue
-            try:
-                convert(profile, point, 0)
-            except ValidationError as exc:
-                first = exc.errors()[0]
-                msg = str(first["msg"]).removeprefix("Value error, ")
-                where = f"points.{i}.{proto}" + (f".{_loc(first['loc'])}" if first["loc"] else "")
-                raise ProfileError(f"profile file {path}: {where}: {msg}") from None
 
 
-def _common(profile: Profile, point: ProfilePoint) -> dict[str, Any]:
+def common(profile: Profile, point: ProfilePoint) -> dict[str, Any]:
+    """What every source type's point config takes of a profile point: name, unit, the
+    code table (resolved) with its unknown severity, report-by-exception."""
     out: dict[str, Any] = {"name": point.name, "unit": point.unit}
     if point.codes is not None:
         out["codes"] = profile.codes[point.codes]
@@ -196,44 +217,58 @@ def _common(profile: Profile, point: ProfilePoint) -> dict[str, Any]:
     return out
 
 
-def modbus_point(profile: Profile, point: ProfilePoint, address_base: int) -> Any:
-    """The Modbus point config of a profile point, for a device counting from
-    ``address_base``."""
-    from agent.sources.modbus.config import PointConfig  # noqa: PLC0415 - no import cycle
+P = TypeVar("P")
 
-    assert point.modbus is not None
-    data = {**_common(profile, point), "kind": point.kind, **point.modbus}
-    if isinstance(data.get("address"), int):
-        data["address"] += address_base - profile.modbus_address_base
-    return PointConfig.model_validate(data)
+Converter = Callable[[Profile, ProfilePoint], object]
+"""A source type's ``profile_point``: one profile point as its point config; raises
+:class:`pydantic.ValidationError` (or ValueError) when the point's table does not fit."""
 
 
-def mqtt_point(profile: Profile, point: ProfilePoint, _: int = 0) -> Any:
-    """The MQTT point config of a profile point (points of JSON payloads are optional)."""
-    from agent.sources.mqtt.config import PointConfig  # noqa: PLC0415 - no import cycle
+def convert(
+    profile: Profile, carrier: str, fn: Callable[[Profile, ProfilePoint], P]
+) -> list[P]:
+    """Every point of ``profile`` that source type ``carrier`` carries, converted by
+    ``fn``. Raises :class:`ProfileError` naming the file and key of a table that does not
+    fit (``points.3.modbus.address: ...``)."""
+    out: list[P] = []
+    for i, point in enumerate(profile.points):
+        if point.carried_by(carrier) is None:
+            continue
+        try:
+            out.append(fn(profile, point))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            msg = str(first["msg"]).removeprefix("Value error, ")
+            where = f"points.{i}.{carrier}" + (f".{_loc(first['loc'])}" if first["loc"] else "")
+            raise ProfileError(f"profile file {profile._path}: {where}: {msg}") from None
+        except ValueError as exc:
+            where = f"points.{i}.{carrier}"
+            raise ProfileError(f"profile file {profile._path}: {where}: {exc}") from None
+    return out
 
-    assert point.mqtt is not None
-    data: dict[str, Any] = {**_common(profile, point), "optional": True, **point.mqtt}
-    if point.kind != "reading":
-        data.setdefault("entity", "event")
-        data.setdefault("event_field", "code" if point.kind == "fault" else "state")
-        data.setdefault("rbe", ReportByException())
-    return PointConfig.model_validate(data)
+
+def _check_carriers(profile: Profile, carriers: Mapping[str, Converter]) -> None:
+    for i, point in enumerate(profile.points):
+        for carrier in point.carriers:
+            if carrier not in carriers:
+                raise ProfileError(
+                    f"profile file {profile._path}: points.{i}.{carrier}: no source type "
+                    f"reads profile points from {carrier!r} (have: {', '.join(carriers)})"
+                )
+    for carrier, fn in carriers.items():
+        convert(profile, carrier, fn)
 
 
-def points_for(name: str, protocol: Literal["modbus", "mqtt"], address_base: int = 0) -> list[Any]:
-    """The points of profile ``name`` that ``protocol`` carries, as that source's point
-    configs. Raises :class:`ProfileError`."""
-    profile = load(name)
-    convert = modbus_point if protocol == "modbus" else mqtt_point
-    return [convert(profile, p, address_base) for p in profile.points if getattr(p, protocol)]
+def _name(point: Any) -> Any:
+    return point.get("name") if isinstance(point, dict) else point.name
 
 
 def merge(profile_points: list[Any], explicit: list[Any]) -> list[Any]:
-    """Profile points overridden by explicit points of the same name, then the others."""
-    mine = {p.name: p for p in explicit}
-    merged = [mine.pop(p.name, p) for p in profile_points]
-    return merged + [p for p in explicit if p.name in mine]
+    """Profile points overridden by explicit points of the same name, then the others.
+    Explicit points may still be raw tables (a ``mode="before"`` validator merges)."""
+    mine = {_name(p): p for p in explicit}
+    merged = [mine.pop(_name(p), p) for p in profile_points]
+    return merged + [p for p in explicit if _name(p) in mine]
 
 
 @contextmanager
@@ -246,13 +281,15 @@ def searching(dirs: list[Path]) -> Iterator[None]:
         search_dirs.reset(token)
 
 
-def check_dirs(dirs: list[Path]) -> list[Path]:
-    """Every profile file in ``dirs`` must load (check-config reports a broken one even
-    when nothing references it yet)."""
+def check_dirs(dirs: list[Path], carriers: Mapping[str, Converter]) -> list[Path]:
+    """Every profile file in ``dirs`` must load, and every source type's table of its
+    points fit that type (``carriers``: each source type that reads profiles, and its
+    converter), so check-config reports a broken file even when nothing references it
+    yet."""
     with searching(dirs):
         for folder in dirs:
             if not folder.is_dir():
                 raise ProfileError(f"profile directory {folder} does not exist")
             for path in sorted(folder.glob("*.toml")):
-                load(path.stem)
+                _check_carriers(load(path.stem), carriers)
     return dirs

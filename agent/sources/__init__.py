@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from agent.profiles import Converter
 from agent.sources.base import SourceConfig, SourcePlugin
 
 SOURCES: dict[str, str] = {
@@ -40,6 +41,11 @@ def source_plugin(kind: str) -> SourcePlugin[Any, Any]:
 def source_plugins() -> list[SourcePlugin[Any, Any]]:
     """Every registered source plugin, in registry order."""
     return [source_plugin(kind) for kind in SOURCES]
+
+
+def profile_carriers() -> dict[str, Converter]:
+    """Every source type whose points can come from a profile, and its converter."""
+    return {p.type: p.profile_point for p in source_plugins() if p.profile_point is not None}
 
 
 def config_classes() -> list[type[SourceConfig]]:

@@ -21,6 +21,7 @@ from pydantic import Field, field_validator
 
 from agent.configtypes import Section
 from agent.outbox import AppendResult, Cursor, Quarantined
+from agent.profiles import Converter
 from agent.records import Record, SourceRef
 from agent.rules.config import RuleConfig, check_unique
 
@@ -219,6 +220,10 @@ class SourcePlugin(Generic[C, S]):
     """``edge-agent tap``: the records the source would produce now, written nowhere."""
     rules: bool = False
     """Whether edge rules (``[[sources.<name>.rules]]``) run on this source's records."""
+    profile_point: Converter | None = None
+    """For sources whose points can come from an equipment profile (docs/profiles.md):
+    one profile point, from the table named after this type, as this source's point
+    config (a table that does not fit raises)."""
 
     def build(self, name: str, config: SourceConfig, context: SourceContext) -> S:
         """A new source ``name`` for ``config`` (of this plugin's config class)."""
@@ -233,5 +238,6 @@ class SourcePlugin(Generic[C, S]):
             "sync": self.sync,
             "tap": self.tap,
             "rules": self.rules or None,
+            "profiles": self.profile_point,
         }
         return [name for name, ability in named.items() if ability is not None]

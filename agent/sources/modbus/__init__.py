@@ -7,7 +7,7 @@ The plugin record (see :mod:`agent.sources`): rules, and ``explain`` for
 from __future__ import annotations
 
 from agent.sources.base import SourcePlugin
-from agent.sources.modbus.config import ModbusConfig
+from agent.sources.modbus.config import ModbusConfig, profile_point
 from agent.sources.modbus.planner import explain_device, plan
 from agent.sources.modbus.source import ModbusSource
 
@@ -18,6 +18,8 @@ def explain(config: ModbusConfig) -> str:
     return "\n".join(blocks) if blocks else "no devices"
 
 
-plugin = SourcePlugin("modbus", ModbusConfig, ModbusSource, explain=explain, rules=True)
+plugin = SourcePlugin(
+    "modbus", ModbusConfig, ModbusSource, explain=explain, rules=True, profile_point=profile_point
+)
 
 __all__ = ["ModbusConfig", "ModbusSource", "explain", "plugin"]

@@ -8,7 +8,7 @@ time per connection.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -200,18 +200,31 @@ class DeviceConfig(Section):
     points: list[PointConfig] = Field(default_factory=list)
     """The points read from this device."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_profile(cls, data: Any) -> Any:
+        # Before validation, so the model is built once with its points (never written
+        # into afterwards). A name that does not resolve is the field validator's to report.
+        if not isinstance(data, dict) or not isinstance(data.get("profile"), str):
+            return data
+        base_address = data.get("address_base", 0)
+        if base_address not in (0, 1):
+            return data
+        try:
+            base = profile_points(data["profile"], base_address)
+        except profiles.ProfileError:
+            return data
+        return {**data, "points": profiles.merge(base, list(data.get("points") or []))}
+
     @field_validator("profile")
     @classmethod
     def _check_profile(cls, value: str | None) -> str | None:
         if value is not None:
-            profiles.points_for(value, "modbus")
+            profile_points(value, 0)
         return value
 
     @model_validator(mode="after")
     def _check_points(self) -> DeviceConfig:
-        if self.profile is not None:
-            base = profiles.points_for(self.profile, "modbus", self.address_base)
-            object.__setattr__(self, "points", profiles.merge(base, self.points))
         seen: set[str] = set()
         for point in self.points:
             if point.name in seen:
@@ -222,6 +235,30 @@ class DeviceConfig(Section):
             if point.address - self.address_base + point.width > 65536:
                 raise ValueError(f"point {point.name!r}: runs past address 65535")
         return self
+
+
+def profile_point(profile: profiles.Profile, point: profiles.ProfilePoint) -> PointConfig:
+    """The Modbus point config of a profile point, at the profile's address base."""
+    return _profile_point(profile, point, profile.modbus_address_base)
+
+
+def _profile_point(
+    profile: profiles.Profile, point: profiles.ProfilePoint, address_base: int
+) -> PointConfig:
+    table = point.carried_by("modbus")
+    assert table is not None
+    data = {**profiles.common(profile, point), "kind": point.kind, **table}
+    if isinstance(data.get("address"), int):
+        data["address"] += address_base - profile.modbus_address_base
+    return PointConfig.model_validate(data)
+
+
+def profile_points(name: str, address_base: int) -> list[PointConfig]:
+    """The points of profile ``name`` a Modbus device counting from ``address_base``
+    reads. Raises :class:`~agent.profiles.ProfileError`."""
+    return profiles.convert(
+        profiles.load(name), "modbus", lambda pr, pt: _profile_point(pr, pt, address_base)
+    )
 
 
 class ModbusConfig(SourceConfig):

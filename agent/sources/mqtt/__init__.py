@@ -7,9 +7,9 @@ to records, report-by-exception), :mod:`.sparkplug` (Sparkplug B decoding),
 """
 
 from agent.sources.base import SourcePlugin
-from agent.sources.mqtt.config import MqttConfig
+from agent.sources.mqtt.config import MqttConfig, profile_point
 from agent.sources.mqtt.source import MqttSource
 
-plugin = SourcePlugin("mqtt", MqttConfig, MqttSource, rules=True)
+plugin = SourcePlugin("mqtt", MqttConfig, MqttSource, rules=True, profile_point=profile_point)
 
 __all__ = ["MqttConfig", "MqttSource", "plugin"]

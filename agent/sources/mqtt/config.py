@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import ssl
 import string
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
@@ -204,20 +204,32 @@ class SubscriptionConfig(Section):
                 raise ValueError(f"named segment must fill a whole level: {level!r}")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _expand(cls, data: Any) -> Any:
+        # Before validation, so the model is built once, complete (never written into
+        # afterwards). A profile name that does not resolve is the field validator's.
+        if not isinstance(data, dict):
+            return data
+        if data.get("format") == "tag_scan" and data.get("tag_scan") is None:
+            data = {**data, "tag_scan": {}}
+        if isinstance(data.get("profile"), str):
+            try:
+                base = profile_points(data["profile"])
+            except profiles.ProfileError:
+                return data
+            data = {**data, "points": profiles.merge(base, list(data.get("points") or []))}
+        return data
+
     @field_validator("profile")
     @classmethod
     def _check_profile(cls, value: str | None) -> str | None:
         if value is not None:
-            profiles.points_for(value, "mqtt")
+            profile_points(value)
         return value
 
     @model_validator(mode="after")
     def _check(self) -> SubscriptionConfig:
-        if self.profile is not None:
-            base = profiles.points_for(self.profile, "mqtt")
-            object.__setattr__(self, "points", profiles.merge(base, self.points))
-        if self.format == "tag_scan" and self.tag_scan is None:
-            object.__setattr__(self, "tag_scan", TagScanConfig())
         if self.format in {"tag_scan", "inspection"} and self.points:
             raise ValueError(f"format {self.format!r} takes no 'points'")
         names = self.names
@@ -369,3 +381,22 @@ class MqttConfig(SourceConfig):
         if self.max_packet_bytes is not None:
             return self.max_packet_bytes
         return min(4 * self.max_payload_bytes + PACKET_HEADROOM, MQTT_MAX_PACKET)
+
+
+def profile_point(profile: profiles.Profile, point: profiles.ProfilePoint) -> PointConfig:
+    """The MQTT point config of a profile point (points of JSON payloads are optional;
+    state and fault points are events, reported on change)."""
+    table = point.carried_by("mqtt")
+    assert table is not None
+    data: dict[str, Any] = {**profiles.common(profile, point), "optional": True, **table}
+    if point.kind != "reading":
+        data.setdefault("entity", "event")
+        data.setdefault("event_field", "code" if point.kind == "fault" else "state")
+        data.setdefault("rbe", ReportByException())
+    return PointConfig.model_validate(data)
+
+
+def profile_points(name: str) -> list[PointConfig]:
+    """The points of profile ``name`` an MQTT subscription reads. Raises
+    :class:`~agent.profiles.ProfileError`."""
+    return profiles.convert(profiles.load(name), "mqtt", profile_point)
