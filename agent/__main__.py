@@ -1,4 +1,4 @@
-"""Command line: ``edge-agent run | check-config | outbox | status | sync | receiver | demo``.
+"""Command line: ``edge-agent run | check-config | tap | outbox | status | sync | receiver | demo``.
 
 Each sub-command parses its arguments, loads what it needs, configures logging and runs.
 Errors a user can fix are printed as one clear line each and exit 2; never a traceback.
@@ -112,6 +112,55 @@ def _explain(settings: cfg.Settings) -> None:
         if explain is not None:
             print(f"\n[sources.{name}] ({conf.type})")
             print(explain(conf))
+
+
+def cmd_tap(args: argparse.Namespace) -> int:
+    """Show what a source would produce right now, writing nothing (see agent/tap.py)."""
+    from agent import logs, tap  # noqa: PLC0415
+    from agent.sources.base import TapRequest  # noqa: PLC0415
+
+    try:
+        settings, warnings, _ = _load(args.config)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return EXIT_USAGE
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    # Bad inputs are shown as items; the sources' log lines about them would repeat them.
+    logs.configure("error", settings.logging.format)
+    request = TapRequest(entity=args.entity, limit=args.limit, timeout=args.timeout)
+    return tap.run(settings, args.source, request, args.json)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def _tap_parser(sub: Any, config_opt: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "tap",
+        parents=[config_opt],
+        help="show the records a source would produce now (writes nothing; safe while the "
+        "agent runs)",
+    )
+    p.add_argument("source", help="source name, as in [sources.<name>]")
+    p.add_argument("--entity", help="SQL: only this entity; Modbus: only this device")
+    p.add_argument(
+        "--limit",
+        type=_positive,
+        default=10,
+        help="MQTT: messages to take; SQL: rows per entity (default %(default)s)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_duration,
+        default=10.0,
+        help="MQTT: longest wait for messages, e.g. 30s (default 10s)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per line (envelopes)")
+    p.set_defaults(func=cmd_tap)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -415,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="stats as JSON")
     p.set_defaults(func=cmd_outbox)
     _add_ctl_commands(sub, config_opt)
+    _tap_parser(sub, config_opt)
     _receiver_parser(sub)
     return parser
 

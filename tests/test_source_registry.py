@@ -23,9 +23,9 @@ def test_each_registered_type_has_its_plugin_record(kind: str) -> None:
 def test_declared_capabilities() -> None:
     declared = {p.type: p.capabilities() for p in sources.source_plugins()}
     assert declared == {
-        "modbus": ["explain", "rules", "profiles"],
-        "mqtt": ["rules", "profiles"],
-        "sql": ["probe", "sync"],
+        "modbus": ["explain", "tap", "rules", "profiles"],
+        "mqtt": ["tap", "rules", "profiles"],
+        "sql": ["probe", "sync", "tap"],
     }
 
 

@@ -184,9 +184,10 @@ class TapRequest:
     written nowhere (no outbox, no acknowledgement, no cursor moved)."""
 
     entity: str | None = None
-    """Only this entity (SQL) or point (MQTT, Modbus); None: everything."""
+    """Only this entity (SQL) or device (Modbus); None: everything. MQTT has none."""
     limit: int = 10
-    """Stop after this many records or bad inputs."""
+    """MQTT: the messages to take; SQL: the rows per entity; Modbus: unused (one poll
+    of every device)."""
     timeout: float = 10.0
     """Longest wait for input that comes when it comes (MQTT)."""
 

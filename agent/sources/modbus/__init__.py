@@ -10,6 +10,7 @@ from agent.sources.base import SourcePlugin
 from agent.sources.modbus.config import ModbusConfig, profile_point
 from agent.sources.modbus.planner import explain_device, plan
 from agent.sources.modbus.source import ModbusSource
+from agent.sources.modbus.tap import tap
 
 
 def explain(config: ModbusConfig) -> str:
@@ -19,7 +20,13 @@ def explain(config: ModbusConfig) -> str:
 
 
 plugin = SourcePlugin(
-    "modbus", ModbusConfig, ModbusSource, explain=explain, rules=True, profile_point=profile_point
+    "modbus",
+    ModbusConfig,
+    ModbusSource,
+    explain=explain,
+    tap=tap,
+    rules=True,
+    profile_point=profile_point,
 )
 
 __all__ = ["ModbusConfig", "ModbusSource", "explain", "plugin"]

@@ -235,6 +235,19 @@ class ConnectionWorker:
         finally:
             self._line.close()
 
+    async def poll_once(self) -> None:
+        """Open the connection and poll every device once, in order (``edge-agent
+        tap``); each poll goes to the sink, its outcome into the device's figures
+        (``last_error``). Raises :class:`LineDown` when the connection cannot be opened."""
+        try:
+            for device in self.devices:
+                if not self._line.connected:  # first, or lost during the previous poll
+                    await self._line.open()
+                    self.state = "connected"
+                await self._poll(device)
+        finally:
+            self._line.close()
+
     def _next_device(self) -> DeviceState:
         """The due device of best rank (then the longest due), else the next one due."""
         now = time.monotonic()

@@ -76,10 +76,12 @@ class ModbusSource(Source):
 
     # ------------------------------------------------------------------ records
 
-    async def _emit(self, poll: Poll) -> None:
+    def poll_records(self, poll: Poll, undo: RbeUndo) -> tuple[list[Record], list[Quarantined]]:
+        """The records and bad inputs of one poll (report-by-exception applied; what it
+        learnt goes into ``undo``). Nothing is written: :meth:`_emit` appends them,
+        ``edge-agent tap`` shows them."""
         records: list[Record] = []
         bad: list[Quarantined] = []
-        undo = RbeUndo()
         poll.observed_at = self._clock.stamp(poll.observed_at)
         for request, data in poll.answers:
             for point in request.points:
@@ -88,6 +90,11 @@ class ModbusSource(Source):
                     records.append(record)
         for request, reason in poll.invalid:
             bad += [self._quarantine(poll, request, p, reason, None) for p in request.points]
+        return records, bad
+
+    async def _emit(self, poll: Poll) -> None:
+        undo = RbeUndo()
+        records, bad = self.poll_records(poll, undo)
         if records or bad:
             assert self._out is not None
             try:

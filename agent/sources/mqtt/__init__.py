@@ -9,7 +9,10 @@ to records, report-by-exception), :mod:`.sparkplug` (Sparkplug B decoding),
 from agent.sources.base import SourcePlugin
 from agent.sources.mqtt.config import MqttConfig, profile_point
 from agent.sources.mqtt.source import MqttSource
+from agent.sources.mqtt.tap import tap
 
-plugin = SourcePlugin("mqtt", MqttConfig, MqttSource, rules=True, profile_point=profile_point)
+plugin = SourcePlugin(
+    "mqtt", MqttConfig, MqttSource, tap=tap, rules=True, profile_point=profile_point
+)
 
 __all__ = ["MqttConfig", "MqttSource", "plugin"]

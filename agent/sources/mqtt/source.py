@@ -52,7 +52,7 @@ from agent.rbe import RbeUndo
 from agent.records import Record
 from agent.sources.base import Output, Source, SourceConfig, SourceContext
 from agent.sources.mqtt.client import Connection
-from agent.sources.mqtt.config import MqttConfig
+from agent.sources.mqtt.config import MqttConfig, TlsConfig
 from agent.sources.mqtt.mapping import ALIAS_CURSOR_KEY, Mapper, Outcome, _preview
 
 log = structlog.get_logger("agent.sources.mqtt")
@@ -106,6 +106,18 @@ class _ClosingSSLSocket(ssl.SSLSocket):
         except BaseException:
             self.close()
             raise
+
+
+def tls_context(tls: TlsConfig) -> ssl.SSLContext:
+    """The TLS context of a broker connection (the source's and ``edge-agent tap``'s)."""
+    ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    ctx.sslsocket_class = _ClosingSSLSocket
+    if tls.cert_file is not None:
+        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
+    if tls.insecure_skip_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 @dataclass
@@ -372,16 +384,8 @@ class MqttSource(Source):
         return client, pipe
 
     def _tls_context(self) -> ssl.SSLContext:
-        tls = self.cfg.tls
-        assert tls is not None
-        ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
-        ctx.sslsocket_class = _ClosingSSLSocket
-        if tls.cert_file is not None:
-            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
-        if tls.insecure_skip_verify:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        return ctx
+        assert self.cfg.tls is not None
+        return tls_context(self.cfg.tls)
 
     async def _subscribe(self, client: aiomqtt.Client) -> None:
         subs = self.cfg.subscriptions

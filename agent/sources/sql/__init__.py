@@ -13,6 +13,7 @@ from agent.sources.base import SourcePlugin, SyncAbility
 from agent.sources.sql.config import SqlSourceConfig
 from agent.sources.sql.probe import probe
 from agent.sources.sql.source import SqlSource
+from agent.sources.sql.tap import tap
 
 
 def _request_sync(source: SqlSource, entities: list[str] | None, full: bool) -> list[str]:
@@ -28,6 +29,7 @@ plugin = SourcePlugin(
     SqlSourceConfig,
     SqlSource,
     probe=probe,
+    tap=tap,
     sync=SyncAbility(request=_request_sync, status=_sync_status),
 )
 

@@ -319,6 +319,23 @@ class EntitySync:
         st.quarantined += len(bad)
         st.deletes += sum(1 for r in records if r.op is Op.DELETE)
 
+    async def preview(self, limit: int) -> tuple[list[Record], list[Quarantined]]:
+        """The first ``limit`` rows the next pass would read, feed by feed, mapped as a
+        pass maps them; nothing is committed and no watermark moves. Before :meth:`load`
+        (``edge-agent tap`` never loads) that is a first sync: from the start of the
+        initial window. A mapped column missing from the result raises, as in a pass."""
+        records: list[Record] = []
+        bad: list[Quarantined] = []
+        for feed in self.spec.feeds:
+            left = limit - len(records) - len(bad)
+            if left <= 0:
+                break
+            rows = await self.source.db.fetch(chunk_query(feed, self._start(feed, False), left))
+            got, failed = await self._map(rows)
+            records += got
+            bad += failed
+        return records, bad
+
     async def reconcile(self, out: Output) -> int:
         """Finish the reconciliation pass in progress, or run a new one, without pauses.
 
