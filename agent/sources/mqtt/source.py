@@ -593,6 +593,11 @@ class MqttSource(Source):
 
     async def _commit_batches(self, conn: Connection, out: Output, pipe: _Pipe) -> None:
         while True:
+            # An append that returned although this task was cancelled meanwhile (a
+            # cancel swallowed below it, as 3.11's wait_for does) is committed and its
+            # batch acknowledged; the stop must still win before the next wait, or the
+            # session's end waits for this task forever (tests/contract).
+            tasks.raise_if_cancelling()
             if not pipe.batches:
                 pipe.ready.clear()
                 await pipe.ready.wait()
