@@ -3,8 +3,6 @@ that changes shape changes only this module)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from agent import sources
 from agent.sinks.base import SINKS, sink_plugin
 from agent.sources.base import Source, SourceConfig, SourceContext
@@ -14,19 +12,17 @@ CONTEXT = SourceContext(agent_id="contract-agent", site="contract-site")
 
 def source_types() -> list[str]:
     """Every registered source type, in registry order."""
-    return list(sources.REGISTRY)
+    return sources.source_types()
 
 
 def config_class(kind: str) -> type[SourceConfig]:
     """The config class source type ``kind`` registered."""
-    cls: type[SourceConfig] = sources.plugin(kind).config_class
-    return cls
+    return sources.source_plugin(kind).config_class
 
 
 def build_source(kind: str, name: str, config: SourceConfig) -> Source:
     """A new source of type ``kind``, as the supervisor builds one."""
-    cls: Any = sources.plugin(kind).source_class
-    source: Source = cls(name, config, CONTEXT)
+    source: Source = sources.source_plugin(kind).build(name, config, CONTEXT)
     return source
 
 

@@ -59,7 +59,7 @@ class TestOutput:
         """Every record of every committed append, in order (both modes)."""
         self.quarantined: list[Quarantined] = []
         """Every quarantined input of every committed append, in order (both modes)."""
-        self.cursors: dict[tuple[str, str], Any] = {}
+        self.cursors_by_key: dict[tuple[str, str], Any] = {}
         self.calls = 0
         """Appends begun."""
         self.committed = 0
@@ -154,7 +154,7 @@ class TestOutput:
             result = AppendResult(stored=len(records))
             for c in [cursor] if isinstance(cursor, Cursor) else cursor or ():
                 if type(c) is Cursor:  # KeyMarks (reconciliation) need the outbox
-                    self.cursors[(c.source, c.key)] = c.value
+                    self.cursors_by_key[(c.source, c.key)] = c.value
         self.records += records
         self.quarantined += quarantine
         self.committed += 1
@@ -165,7 +165,13 @@ class TestOutput:
         """The last committed cursor value (the outbox's, or this double's)."""
         if self.box is not None:
             return await self.box.cursor(source, key)
-        return self.cursors.get((source, key))
+        return self.cursors_by_key.get((source, key))
+
+    async def cursors(self, source: str) -> dict[str, Any]:
+        """Every committed cursor of ``source``, by key."""
+        if self.box is not None:
+            return await self.box.cursors(source)
+        return {key: value for (src, key), value in self.cursors_by_key.items() if src == source}
 
     def key_set(self, source: str, name: str) -> KeySet:
         """The outbox's key set (memory mode has none)."""
