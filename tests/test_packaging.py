@@ -449,6 +449,21 @@ async def test_packaged_agent_delivers_postgresql_and_mariadb_to_the_receiver(
                 cwd="/",
             )
             assert r.returncode == 0, r.stderr + r.stdout
+        # The README's walk: tap before the start shows the mapped rows, writes nothing.
+        for name, prefix in (("pg-cmms", "postgresql"), ("maria-cmms", "mariadb")):
+            r = await asyncio.to_thread(
+                subprocess.run,
+                packaged(extracted, "--config", str(conf), "tap", name, "--json", "--limit", "2"),
+                capture_output=True,
+                text=True,
+                env=clean_env(),
+                cwd="/",
+            )
+            assert r.returncode == 0, r.stderr + r.stdout
+            tapped = [orjson.loads(line) for line in r.stdout.splitlines()]
+            assert [t["remote_id"] for t in tapped] == [f"{prefix}-0", f"{prefix}-1"], r.stdout
+            assert tapped[0]["data"] == {"title": f"job 0 on {prefix}"}
+        assert not (tmp_path / "state").exists()  # no outbox, no state dir made by tap
         log = tmp_path / "agent.log"
         async with agent_running(extracted, conf, log) as proc:
             want = {

@@ -21,7 +21,7 @@ from sqlalchemy import text
 
 from agent import config as cfg
 from agent import tap as tap_cli
-from agent.__main__ import main
+from agent.__main__ import build_parser, main
 from agent.outbox import Outbox, Quarantined
 from agent.records import Record
 from agent.sources import source_plugin
@@ -377,3 +377,8 @@ def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         main(["--config", str(conf), "tap", "cmms", "--limit", "0"])
     assert exc.value.code == 2
     assert "not a positive whole number" in capsys.readouterr().err
+
+
+def test_tap_takes_config_after_the_subcommand_too() -> None:
+    args = build_parser().parse_args(["tap", "cmms", "--config", "after.toml", "--timeout", "30s"])
+    assert (args.config, args.source, args.timeout, args.limit) == ("after.toml", "cmms", 30.0, 10)

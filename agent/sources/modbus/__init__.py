@@ -1,7 +1,8 @@
 """Modbus source: TCP, RTU over serial and RTU over TCP polling with read planning.
 
-The plugin record (see :mod:`agent.sources`): rules, and ``explain`` for
-``edge-agent check-config --explain`` (the planned read requests).
+The plugin record (see :mod:`agent.sources`): rules, ``explain`` for
+``edge-agent check-config --explain`` (the planned read requests), and ``tap``
+(:mod:`.tap`: one poll of every device, written nowhere).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 See docs/mqtt.md. The modules: :mod:`.config` (the TOML tables), :mod:`.mapping` (message
 to records, report-by-exception), :mod:`.sparkplug` (Sparkplug B decoding),
 :mod:`.client` (the one place that touches paho/aiomqtt internals) and :mod:`.source`
-(connection, reconnect, acknowledgement). The plugin record declares rules.
+(connection, reconnect, acknowledgement). The plugin record declares rules and
+``tap`` (:mod:`.tap`: the next messages under a client id of its own).
 """
 
 from agent.sources.base import SourcePlugin

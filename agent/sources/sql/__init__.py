@@ -1,8 +1,9 @@
 """SQL sources: SAP ECC, IBM Maximo and any CMMS database, read incrementally.
 
 See docs/sql-sources.md. The plugin record declares ``probe`` (what ``check-config
---connect`` runs) and ``sync`` (manual and full syncs, ``/v1/sync-status``); no rules
-(SQL records carry no points).
+--connect`` runs), ``sync`` (manual and full syncs, ``/v1/sync-status``) and ``tap``
+(:mod:`.tap`: each entity's first rows, mapped, read-only); no rules (SQL records carry no
+points).
 """
 
 from __future__ import annotations
