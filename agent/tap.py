@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -51,7 +52,9 @@ def plan(settings: Settings, name: str) -> tuple[SourceConfig, Any]:
     return conf, plugin.tap
 
 
-async def collect(settings: Settings, name: str, request: TapRequest, show: Any) -> tuple[int, int]:
+async def collect(
+    settings: Settings, name: str, request: TapRequest, show: Callable[[Tapped], None]
+) -> tuple[int, int]:
     """Run the tap of source ``name``; ``show(item)`` each item as it comes.
 
     Returns (records, bad inputs). Raises ConfigError (exit 2) or another AgentError

@@ -382,3 +382,16 @@ def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 def test_tap_takes_config_after_the_subcommand_too() -> None:
     args = build_parser().parse_args(["tap", "cmms", "--config", "after.toml", "--timeout", "30s"])
     assert (args.config, args.source, args.timeout, args.limit) == ("after.toml", "cmms", 30.0, 10)
+
+
+def test_sql_tap_of_an_unreachable_database_is_one_line_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"postgresql+asyncpg://edge@127.0.0.1:{free_port()}/cmms"
+    source = {**declarative_source(url), "query_timeout": "5s", "password": "s3cret-pw"}
+    conf = write_config(tmp_path / "agent.toml", base_config(tmp_path, sources={"cmms": source}))
+    assert main(["--config", str(conf), "tap", "cmms"]) == 1
+    err = capsys.readouterr().err
+    assert "tap cmms: cannot query entity 'work_orders' on postgresql+asyncpg://edge:***@" in err
+    assert "s3cret-pw" not in err
+    assert "Traceback" not in err

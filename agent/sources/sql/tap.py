@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from agent.errors import ConfigError
+from agent.errors import ConfigError, ReauthorizationRequired, TransientError
 from agent.sources.base import SourceContext, Tapped, TapRequest
 from agent.sources.sql.config import SqlSourceConfig
 from agent.sources.sql.mapping import MissingColumnsError
@@ -41,6 +41,9 @@ async def tap(
                 records, bad = await source.entities[entity].preview(request.limit)
             except MissingColumnsError as exc:
                 raise ConfigError([(f"sources.{name}", str(exc))]) from None
+            except (TransientError, ReauthorizationRequired) as exc:
+                where = f"entity {entity!r} on {source.db.display_url}"
+                raise TransientError(f"cannot query {where}: {exc}") from exc
             for record in records:
                 yield record
             for row in bad:
