@@ -97,12 +97,13 @@ async def test_mqtt_tap_beside_the_running_service(mosquitto: Mosquitto, tmp_pat
     assert {r["id"] for r in stored} >= {first.id, good[0].id}
 
 
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 async def test_mqtt_tap_leaves_the_service_session_queue(
-    mosquitto: Mosquitto, tmp_path: Path
+    mosquitto: Mosquitto, tmp_path: Path, protocol: str
 ) -> None:
     """Messages queued for the stopped service's persistent session are not taken by
     the tap: the service gets them when it comes back. The outbox is not touched."""
-    conf = mqtt_config(mosquitto.port, client_id="gw-queue")
+    conf = mqtt_config(mosquitto.port, client_id="gw-queue", protocol=protocol)
     db = tmp_path / "outbox.db"
     async with Outbox(db) as box, running(conf, box, "lifts"):
         pass  # creates the service's session (and its subscription) on the broker

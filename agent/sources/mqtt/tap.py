@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiomqtt
+import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -56,7 +57,8 @@ def _client(config: MqttConfig, client_id: str) -> aiomqtt.Client:
         identifier=client_id,
         protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
         clean_session=None if v5 else True,
-        clean_start=True,
+        # paho refuses clean_start with 3.1.1 unless left at its default
+        clean_start=True if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
         keepalive=max(1, int(config.keepalive)),
         timeout=config.connect_timeout,
         properties=props,
