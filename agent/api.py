@@ -14,7 +14,7 @@ import contextlib
 import hmac
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent.configtypes import secret_value
+from agent.health import Component, Health, Kind, State, is_up, part_up
 
 if TYPE_CHECKING:
     from agent.app import Agent
@@ -76,11 +77,14 @@ class RequestIdMiddleware:
 
 
 class AgentCollector(Collector):
-    """Prometheus metrics read from the agent's state at scrape time."""
+    """Prometheus metrics read from the agent's state at scrape time: the figures from
+    the status, every up/down and state from the same component healths readiness
+    judges (:mod:`agent.health`)."""
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self.snapshot: dict[str, Any] = {}
+        self.components: list[Component] = []
 
     def collect(self) -> Iterator[Metric]:
         s = self.snapshot
@@ -133,16 +137,37 @@ class AgentCollector(Collector):
             value=box.get("write_errors", 0),
         )
         yield c
-        yield from self._sources(s.get("sources", {}))
-        yield from self._devices(s.get("sources", {}))
+        yield from self._sources(s.get("sources", {}), self.components)
+        yield from self._devices(s.get("sources", {}), self.components)
         yield from self._reconciliation(s.get("sources", {}))
-        yield from self._upstream(s.get("upstream", {}))
+        yield from self._upstream(s.get("upstream", {}), self.components)
+        yield from self._states(self.components)
         yield GaugeMetricFamily(
             "edge_agent_uptime_seconds", "Seconds since start", value=s.get("uptime_seconds", 0)
         )
 
     @staticmethod
-    def _sources(sources: dict[str, Any]) -> Iterator[Metric]:
+    def _states(components: Sequence[Component] = ()) -> Iterator[Metric]:
+        """Every component's (and part's) state, one series per possible state (1 for the
+        current one), and since when it is in it: what /readyz judged, for alerting on
+        ``failed`` or a long ``retrying``."""
+        labels = ["kind", "component", "state"]
+        state = GaugeMetricFamily(
+            "edge_agent_component_state", "1 for the component's current state", labels=labels
+        )
+        since = GaugeMetricFamily(
+            "edge_agent_component_state_since_timestamp_seconds",
+            "When the component entered its current state (Unix time)",
+            labels=labels[:2],
+        )
+        for kind, name, h in _flatten(components):
+            for value in State:
+                state.add_metric([kind, name, value.value], 1 if h.state is value else 0)
+            since.add_metric([kind, name], h.since)
+        yield from (state, since)
+
+    @staticmethod
+    def _sources(sources: dict[str, Any], components: Sequence[Component] = ()) -> Iterator[Metric]:
         up = GaugeMetricFamily(
             "edge_agent_source_up", "1 when the source is healthy", labels=["source", "type"]
         )
@@ -159,8 +184,10 @@ class AgentCollector(Collector):
             "Inputs dropped by a source before the outbox",
             labels=["source", "reason"],
         )
+        healths = {c.name: c.health for c in components if c.kind is Kind.SOURCE}
         for name, st in sources.items():
-            up.add_metric([name, st.get("type", "")], 1 if st.get("state") in _OK_STATES else 0)
+            h = healths.get(name)
+            up.add_metric([name, st.get("type", "")], 1 if h is not None and is_up(h) else 0)
             records.add_metric([name], st.get("records", 0))
             restarts.add_metric([name], st.get("restarts", 0))
             for key, n in (st.get("counters") or {}).items():
@@ -169,7 +196,7 @@ class AgentCollector(Collector):
         yield from (up, records, restarts, lost)
 
     @staticmethod
-    def _devices(sources: dict[str, Any]) -> Iterator[Metric]:
+    def _devices(sources: dict[str, Any], components: Sequence[Component] = ()) -> Iterator[Metric]:
         """Per Modbus device: what a partly failing source hides in ``edge_agent_source_up``
         (readiness stays 200 when one lift controller is off; alert on these instead)."""
         labels = ["source", "device"]
@@ -181,12 +208,20 @@ class AgentCollector(Collector):
         overruns = CounterMetricFamily(
             "edge_agent_device_overruns", "Poll slots skipped (poll overran)", labels=labels
         )
+        parts = {
+            (c.name, p.name): p.health
+            for c in components
+            if c.kind is Kind.SOURCE
+            for p in c.parts
+            if p.kind is Kind.DEVICE
+        }
         for name, st in sources.items():
             for device, d in (st.get("devices") or {}).items():
                 if not isinstance(d, dict):
                     continue
                 key = [name, device]
-                up.add_metric(key, 0 if d.get("state") in DEVICE_DOWN_STATES else 1)
+                h = parts.get((name, device))
+                up.add_metric(key, 1 if h is not None and part_up(h) else 0)
                 polls.add_metric(key, d.get("polls", 0))
                 failures.add_metric(key, d.get("failures", 0))
                 overruns.add_metric(key, d.get("overruns", 0))
@@ -223,7 +258,7 @@ class AgentCollector(Collector):
         yield from (*families.values(), last)
 
     @staticmethod
-    def _upstream(up: dict[str, Any]) -> Iterator[Metric]:
+    def _upstream(up: dict[str, Any], components: Sequence[Component] = ()) -> Iterator[Metric]:
         c = CounterMetricFamily(
             "edge_agent_upstream_requests", "Upstream requests by answer", labels=["code"]
         )
@@ -231,7 +266,8 @@ class AgentCollector(Collector):
             c.add_metric([str(code)], n)
         yield c
         g = GaugeMetricFamily("edge_agent_upstream_up", "1 when the upstream accepts pushes")
-        g.add_metric([], 1 if up.get("state") in {"ok", "idle", None} else 0)
+        upstream = [c.health for c in components if c.kind is Kind.UPSTREAM]
+        g.add_metric([], 1 if upstream and is_up(upstream[0]) else 0)
         yield g
         # The forwarder keeps these under "records" (they read 0 while looked up at the
         # top level: a bug that hid every delivery from monitoring).
@@ -244,64 +280,14 @@ class AgentCollector(Collector):
             )
 
 
-_OK_STATES = {"running", "connected", "ok", "idle", "completed", "disabled"}
-
-
-# A whole source that moves no data: not ready. "reconnecting" is an MQTT source whose
-# broker is unreachable right now (every message waits at the broker).
-NOT_READY_STATES = frozenset({"failed", "reauthorization_required", "disconnected", "reconnecting"})
-
-
-# A Modbus device that does not answer: demoted (failed its polls, probed slowly) or
-# offline (its connection is down).
-DEVICE_DOWN_STATES = frozenset({"demoted", "offline"})
-
-
-def _devices_down(source_status: dict[str, Any]) -> list[str]:
-    """Names of a Modbus source's devices that do not answer (demoted or offline)."""
-    devices = source_status.get("devices") or {}
-    return sorted(n for n, d in devices.items() if d.get("state") in DEVICE_DOWN_STATES)
-
-
-def readiness(status: dict[str, Any], max_oldest_age: float) -> list[str]:
-    """Reasons the agent is not ready (empty when ready)."""
-    reasons: list[str] = []
-    for name, st in status.get("sources", {}).items():
-        state = st.get("state")
-        if state in NOT_READY_STATES:
-            reasons.append(f"source {name} is {state}: {st.get('last_error') or '-'}")
-        elif (down := _devices_down(st)) and len(down) == len(st["devices"]):
-            reasons.append(f"source {name}: no device answers ({', '.join(down)})")
-    up = status.get("upstream", {})
-    if up.get("state") in {"retrying", "reauthorization_required", "failing"}:
-        reasons.append(f"upstream is {up['state']}: {up.get('last_error') or '-'}")
-    box = status.get("outbox", {})
-    if box.get("blocked_appends"):
-        reasons.append("outbox is over its byte budget: sources are paused")
-    age = box.get("oldest_age_seconds")
-    if age is not None and age > max_oldest_age:
-        reasons.append(f"oldest undelivered record is {age:.0f}s old (limit {max_oldest_age:.0f}s)")
-    if box.get("write_failing"):
-        reasons.append(f"outbox write failed: {box['last_write_error']}")
-    return reasons
-
-
-def readiness_warnings(status: dict[str, Any]) -> list[str]:
-    """Partial trouble that leaves the agent ready: a Modbus source with some devices
-    unreachable, an SQL source with an entity whose sync fails and is retried. ``/readyz``
-    stays 200 (one lift controller switched off for maintenance must not page anyone
-    about the whole gateway) and lists them; per-device state is in ``/v1/status`` and
-    ``/metrics``, and upstream gets a ``connection_status`` record for each."""
-    warnings: list[str] = []
-    for name, st in status.get("sources", {}).items():
-        if st.get("state") != "degraded":
-            continue
-        down = _devices_down(st)
-        if down and len(down) == len(st["devices"]):
-            continue  # no device answers: a reason, not a warning (see readiness)
-        detail = f"devices not answering: {', '.join(down)}" if down else st.get("last_error")
-        warnings.append(f"source {name} is degraded: {detail or '-'}")
-    return warnings
+def _flatten(components: Sequence[Component]) -> Iterator[tuple[str, str, Health]]:
+    """``(kind, name, health)`` of every component and part; a part is named
+    ``<component>/<part>`` (``plant/lift-1``), the upstream and the outbox by their kind."""
+    for c in components:
+        name = c.name or c.kind.value
+        yield c.kind.value, name, c.health
+        for p in c.parts:
+            yield p.kind.value, f"{name}/{p.name}", p.health
 
 
 def build_app(agent: Agent) -> Starlette:
@@ -335,10 +321,8 @@ def build_app(agent: Agent) -> Starlette:
     async def readyz(request: Request) -> Response:
         if (denied := refused(request, read=True)) is not None:
             return denied
-        status = await agent.status()
-        reasons = readiness(status, agent.settings.api.ready_max_oldest_age)
-        body = {"ready": not reasons, "reasons": reasons, "warnings": readiness_warnings(status)}
-        return _Json(body, 200 if not reasons else 503)
+        judged = (await agent.snapshot()).readiness
+        return _Json(judged.as_dict(), 200 if judged.ready else 503)
 
     async def status(request: Request) -> Response:
         if (denied := refused(request, read=True)) is not None:
@@ -353,7 +337,8 @@ def build_app(agent: Agent) -> Starlette:
     async def metrics(request: Request) -> Response:
         if (denied := refused(request, read=True)) is not None:
             return denied
-        collector.snapshot = await agent.status()
+        snap = await agent.snapshot()
+        collector.snapshot, collector.components = snap.status, snap.components
         return Response(
             generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8"
         )

@@ -21,12 +21,13 @@ from typing import Any
 
 import structlog
 
-from agent import __version__, logs, systemd
+from agent import __version__, health, logs, systemd
 from agent import config as cfg
 from agent import sources as source_plugins
 from agent.backoff import Backoff
 from agent.errors import ConfigError
 from agent.forwarder import Forwarder
+from agent.health import Component, Kind, RestartLog, State, Tracker, supervised
 from agent.outbox import AppendResult, Outbox
 from agent.pipeline import run_source
 from agent.records import builder_implementation
@@ -41,13 +42,22 @@ HEALTHY_RUN = 60.0  # a source that ran this long before failing restarts from t
 
 @dataclass
 class SourceSlot:
-    """A configured source, its task and its supervision figures."""
+    """A configured source, its task and its supervision figures.
+
+    ``tracker`` holds what the supervisor knows of the source (not started yet,
+    disabled, crashed and waiting for its restart, stopped); ``restart_log`` tells a
+    crash loop from a one-off crash. :meth:`health` merges them with the source's own.
+    """
 
     name: str
     config: SourceConfig
     source: Source | None = None
     task: asyncio.Task[None] | None = None
-    state: str = "starting"
+    restart_log: RestartLog = field(default_factory=lambda: RestartLog(5, 600.0))
+    """Set from ``api.ready_crash_loop_restarts`` and ``..._window`` by the supervisor."""
+    tracker: Tracker = field(default_factory=lambda: Tracker(State.STARTING, "not started yet"))
+    running: bool = False
+    """A source instance is in its ``run`` (not crashed, not stopped)."""
     restarts: int = 0
     last_error: str | None = None
     last_error_at: float | None = None
@@ -66,13 +76,26 @@ class SourceSlot:
         self.quarantined += quarantined
         self.last_append_at = time.time()
 
-    def status(self) -> dict[str, Any]:
-        """The supervisor's view plus the source's own figures."""
+    def health(self) -> Component:
+        """The source as a component: crashed or crash-looping (``failed``), disabled or
+        stopped as the supervisor says; else what the source says, with its parts."""
+        if self.source is None or self.tracker.state in (State.DISABLED, State.STOPPED):
+            return Component(Kind.SOURCE, self.name, self.tracker.health)
+        own = self.source.health()
+        merged = supervised(
+            own.health, self.tracker, self.restart_log, self.running, self.last_error
+        )
+        return Component(Kind.SOURCE, self.name, merged, own.parts)
+
+    def status(self, component: Component | None = None) -> dict[str, Any]:
+        """The health (``state``, ``reason``, ``since``, ``detail``, ``parts``), the
+        supervisor's figures and the source's own. ``component``: its health, when the
+        caller has it already (one judgement for readiness and status)."""
+        component = component or self.health()
         own = self.source.status() if self.source is not None else {}
         return {
             "type": self.config.type,
-            "state": own.get("state", self.state),
-            "supervisor_state": self.state,
+            **component.as_dict(),
             "restarts": self.restarts,
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,
@@ -82,9 +105,21 @@ class SourceSlot:
             "quarantined": self.quarantined,
             "last_append_at": self.last_append_at,
             "started_at": self.started_at,
-            **{k: v for k, v in own.items() if k not in {"state", "records"}},
+            **{k: v for k, v in own.items() if k not in _HEALTH_KEYS},
             **({"rules": dict(r.counters)} if self.source and (r := self.source.rules) else {}),
         }
+
+
+_HEALTH_KEYS = frozenset({"state", "reason", "since", "detail", "parts", "records"})
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What :meth:`Agent.snapshot` saw: the components, their readiness, the status."""
+
+    components: list[Component]
+    readiness: health.Readiness
+    status: dict[str, Any]
 
 
 @dataclass
@@ -157,6 +192,7 @@ class Agent:
             self.outbox, settings.upstream, settings.agent.id, settings.agent.site
         )
         self.on_reload.append(self.forwarder.reconfigure)
+        self.on_reload.append(self._reconfigure_restart_logs)
 
     # ------------------------------------------------------------------ run
 
@@ -265,10 +301,12 @@ class Agent:
     # ------------------------------------------------------------------ sources
 
     def _start_source(self, name: str, conf: SourceConfig) -> None:
-        slot = SourceSlot(name, conf)
+        api = self.settings.api
+        restarts = RestartLog(api.ready_crash_loop_restarts, api.ready_crash_loop_window)
+        slot = SourceSlot(name, conf, restart_log=restarts)
         self.slots[name] = slot
         if not conf.enabled:
-            slot.state = "disabled"
+            slot.tracker.set(State.DISABLED, "enabled = false in the config")
             return
         slot.task = asyncio.create_task(self._supervise(slot), name=f"source:{name}")
 
@@ -280,18 +318,21 @@ class Agent:
             try:
                 plugin = source_plugins.source_plugin(slot.config.type)
                 slot.source = source = plugin.build(slot.name, slot.config, context)
-                slot.state = "running"
+                slot.running = True
                 slot.started_at = time.time()
                 await run_source(source, self.outbox, rules=plugin.rules, on_commit=slot.count)
                 raise RuntimeError("source returned without being cancelled")
             except asyncio.CancelledError:
-                slot.state = "stopped"
+                slot.running = False
+                slot.tracker.set(State.STOPPED, "the source was stopped")
                 raise
             except Exception as exc:
+                slot.running = False
                 slot.restarts += 1
-                slot.state = "failed"
+                slot.restart_log.record()
                 slot.last_error = f"{type(exc).__name__}: {exc}"
                 slot.last_error_at = time.time()
+                slot.tracker.set(State.FAILED, slot.last_error)
                 if time.monotonic() - began > HEALTHY_RUN:
                     backoff.reset()
                 delay = backoff.delay()
@@ -370,6 +411,12 @@ class Agent:
             )
         return changed
 
+    def _reconfigure_restart_logs(self, new: cfg.Settings) -> None:
+        for slot in self.slots.values():
+            slot.restart_log.reconfigure(
+                new.api.ready_crash_loop_restarts, new.api.ready_crash_loop_window
+            )
+
     def restart_needed(self) -> list[str]:
         """Changes made since start that only a restart applies (empty when none).
 
@@ -407,15 +454,40 @@ class Agent:
             raise TypeError(f"source {name!r} is not running")
         return sync.request(slot.source, entities, full)
 
+    def components(self) -> list[Component]:
+        """Every component's health: the sources (with their parts), the upstream (with
+        its sink), the outbox. What readiness, status and metrics all read."""
+        return [
+            *(slot.health() for slot in self.slots.values()),
+            self.forwarder.health(),
+            self.outbox.health(),
+        ]
+
     async def status(self) -> dict[str, Any]:
-        """Everything /v1/status shows (never a secret)."""
-        return {
+        """Everything /v1/status shows (never a secret); see :meth:`snapshot`."""
+        return (await self.snapshot()).status
+
+    async def snapshot(self) -> Snapshot:
+        """One look at every component: their healths, the readiness judged from them
+        (what /readyz answers) and the status built from the same healths (what
+        /v1/status shows, ``readiness`` included, and /metrics reads)."""
+        components = self.components()
+        stats = await self.outbox.stats()
+        judged = health.readiness(
+            components,
+            oldest_age=stats.oldest_age_seconds,
+            max_oldest_age=self.settings.api.ready_max_oldest_age,
+        )
+        by_name = {c.name: c for c in components if c.kind is Kind.SOURCE}
+        outbox = components[-1]
+        status = {
             "version": __version__,
             "record_builder": builder_implementation(),
             "agent_id": self.settings.agent.id,
             "uptime_seconds": round(time.time() - self.started_at, 1),
-            "sources": {n: s.status() for n, s in self.slots.items()},
-            "outbox": (await self.outbox.stats()).as_dict(),
+            "readiness": judged.as_dict(),
+            "sources": {n: s.status(by_name[n]) for n, s in self.slots.items()},
+            "outbox": {**stats.as_dict(), **outbox.health.as_dict()},
             "upstream": self.forwarder.status(),
             "reload": {
                 "at": self.reload_status.at,
@@ -427,6 +499,7 @@ class Agent:
             },
             "restart_needed": self.restart_needed(),
         }
+        return Snapshot(components, judged, status)
 
 
 GC_THRESHOLD = (20_000, 10, 10)

@@ -80,6 +80,11 @@ class ApiSection(Section):
     """File holding the API token."""
     ready_max_oldest_age: PositiveDuration = 3600.0
     """/readyz reports not ready when the oldest undelivered record is older than this."""
+    ready_crash_loop_restarts: int = Field(default=5, ge=1)
+    """A source restarted this many times within ``ready_crash_loop_window`` crash-loops:
+    it is ``failed`` and /readyz not ready, even while it runs between two crashes."""
+    ready_crash_loop_window: PositiveDuration = 600.0
+    """The window of ``ready_crash_loop_restarts``."""
     require_token_for_reads: bool = False
     """Reads (``/readyz``, ``/v1/status``, ``/v1/sync-status``, ``/metrics``) need the
     bearer token too; ``/healthz`` stays open for liveness probes (it tells nothing but

@@ -113,8 +113,9 @@ def _api_error(resp: httpx.Response) -> str:
 
 
 def fetch_status(url: str, token: str | None = None) -> dict[str, Any]:
-    """``/v1/status`` plus ``readiness`` (the ``/readyz`` answer). ``token`` is sent when
-    given (needed with ``api.require_token_for_reads``)."""
+    """``/v1/status``, whose ``readiness`` is what ``/readyz`` answers, judged from the
+    same healths as the states beside it (asked of ``/readyz`` when an older agent's
+    status has none). ``token`` is sent when given (``api.require_token_for_reads``)."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     resp = _request("GET", f"{url}/v1/status", headers=headers)
     if resp.status_code == 401:
@@ -126,8 +127,9 @@ def fetch_status(url: str, token: str | None = None) -> dict[str, Any]:
     if resp.status_code != 200:
         raise CtlError(f"status: {_api_error(resp)}", EXIT_REFUSED)
     status: dict[str, Any] = resp.json()
-    ready = _request("GET", f"{url}/readyz", headers=headers)
-    status["readiness"] = ready.json() if ready.status_code in {200, 503} else None
+    if "readiness" not in status:
+        ready = _request("GET", f"{url}/readyz", headers=headers)
+        status["readiness"] = ready.json() if ready.status_code in {200, 503} else None
     return status
 
 
@@ -154,7 +156,8 @@ def _inner_error(st: dict[str, Any]) -> str | None:
 
 
 def _one_line(text: Any, width: int = 60) -> str:
-    s = " ".join(str(text).split()) if text else "-"
+    s = " ".join(str(text).split()) if text is not None and text != "" else "-"
+    s = s or "-"
     return s if len(s) <= width else s[: width - 1] + "…"
 
 
@@ -183,12 +186,13 @@ def render_status(s: dict[str, Any]) -> str:
             (
                 name,
                 str(st.get("type", "-")),
-                str(st.get("state", "-")),
+                _state(st),
                 _records(st),
                 str(st.get("restarts", 0)),
                 _one_line(err) + (f" ({_when(at)})" if (at := st.get("last_error_at")) else ""),
             )
         )
+        rows.extend(_part_rows(st))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for row in rows:
         cells = "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False))
@@ -199,6 +203,21 @@ def render_status(s: dict[str, Any]) -> str:
     lines.extend(_upstream_lines(s.get("upstream")))
     lines.extend(_outbox_lines(s.get("outbox", {})))
     return "\n".join(lines)
+
+
+def _state(h: dict[str, Any]) -> str:
+    """A health's state, with its own word when that says more: ``retrying (demoted)``."""
+    state = str(h.get("state") or "-")
+    return f"{state} ({h['detail']})" if h.get("detail") else state
+
+
+def _part_rows(st: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
+    """A row per part (device, entity) that is not ``ok``, below its source's row."""
+    return [
+        (f"  {name}", str(p.get("kind", "-")), _state(p), "", "", _one_line(p.get("reason")))
+        for name, p in sorted((st.get("parts") or {}).items())
+        if isinstance(p, dict) and p.get("state") not in {"ok", "disabled"}
+    ]
 
 
 def _reload_lines(s: dict[str, Any]) -> list[str]:
@@ -225,11 +244,17 @@ def _reload_lines(s: dict[str, Any]) -> list[str]:
 def _upstream_lines(up: dict[str, Any] | None) -> list[str]:
     if not up:
         return ["upstream  (no forwarder running)"]
-    out = [f"upstream  state {up.get('state', '-')}"]
+    merged = up.get("health")  # the upstream's and its sink's, as readiness judged
+    health: dict[str, Any] = merged if isinstance(merged, dict) else up
+    out = [f"upstream  state {_state(health)}"]
+    if health.get("state") not in {None, "ok"} and health.get("reason"):
+        out[0] += f": {_one_line(health['reason'], 100)}"
     scalars = {
         k: v
         for k, v in up.items()
-        if k != "state" and isinstance(v, str | int | float) and not isinstance(v, bool)
+        if k not in {"state", "since", "detail"}
+        and isinstance(v, str | int | float)
+        and not isinstance(v, bool)
     }
     for key, value in scalars.items():
         shown = _when(value) if key.endswith("_at") and isinstance(value, float) else value
@@ -241,8 +266,11 @@ def _outbox_lines(box: dict[str, Any]) -> list[str]:
     rows = box.get("rows", {})
     age = box.get("oldest_age_seconds")
     dropped = box.get("dropped") or {}
+    state = ""
+    if box.get("state") not in {None, "ok"}:
+        state = f"{str(box['state']).upper()}: {_one_line(box.get('reason'), 100)}; "
     out = [
-        f"outbox    {box.get('total_rows', 0):,} undelivered "
+        f"outbox    {state}{box.get('total_rows', 0):,} undelivered "
         f"(business {rows.get('business', 0):,}, readings {rows.get('reading', 0):,}); "
         f"{box.get('total_bytes', 0):,} of {box.get('max_bytes', 0):,} bytes",
         f"          oldest {format_duration(age) if age is not None else '-'}  "

@@ -17,10 +17,12 @@ state          readiness
                has parts and none of them works: then not ready ("no device
                answers").
 ``starting``   NOT ready: nothing proven yet (an MQTT source's first connect, an SQL
-               source restoring its state, a Modbus source before any device
-               answered). A healthy peer leaves it within a second or two.
+               source restoring its state or before any entity read a row, a Modbus
+               source before any device answered). A healthy peer leaves it within a
+               second or two.
 ``retrying``   NOT ready: the component moves no data now and retries (broker or
-               upstream unreachable, a device probed after failed polls).
+               upstream unreachable, a device probed after failed polls, a source none
+               of whose devices answers or entities syncs).
 ``blocked``    NOT ready: working, but held back (the outbox over its byte budget
                pauses every source).
 ``reauthorization_required``  NOT ready: credentials refused; a person must act.
@@ -30,7 +32,8 @@ state          readiness
 ``stopped``    NOT ready: stopped (the agent is shutting down).
 =============  =================================================================
 
-One agent-wide rule beside the components: the oldest undelivered record older than
+A source with parts takes its own state from theirs (:func:`rollup`). One agent-wide
+rule beside the components: the oldest undelivered record older than
 ``api.ready_max_oldest_age`` is not ready either (the delivery objective).
 """
 
@@ -74,8 +77,11 @@ class Kind(enum.StrEnum):
     OUTBOX = "outbox"
 
 
-# How a part that works is said, for "source s: no device answers (d0, d1)".
+# How a part that works is said, for "source s: no device answers (d0, d1)" and
+# "devices not answering: d1".
 _WORKS = {Kind.DEVICE: "answers", Kind.ENTITY: "syncs"}
+_WORKING = {Kind.DEVICE: "answering", Kind.ENTITY: "syncing"}
+_PLURAL = {Kind.DEVICE: "devices", Kind.ENTITY: "entities"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +97,9 @@ class Health:
 
     @property
     def word(self) -> str:
-        """How the state reads in messages: the component's own word, else the state."""
-        return self.detail or self.state.value
+        """How the state reads in messages: ``retrying``, with the component's own word
+        when it has one: ``retrying (reconnecting)``."""
+        return f"{self.state.value} ({self.detail})" if self.detail else self.state.value
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready view."""
@@ -113,9 +120,10 @@ class Tracker:
         state: State = State.STARTING,
         reason: str | None = None,
         clock: Callable[[], float] = time.time,
+        detail: str | None = None,
     ) -> None:
         self._clock = clock
-        self.health = Health(state, reason, clock())
+        self.health = Health(state, reason, clock(), detail)
 
     def set(self, state: State, reason: str | None = None, detail: str | None = None) -> Health:
         """Enter ``state`` (or stay in it with a new reason); returns the new health."""
@@ -160,6 +168,35 @@ def parts(kind: Kind, healths: Mapping[str, Health]) -> tuple[Component, ...]:
 def down_parts(component: Component) -> list[str]:
     """Names of the component's parts that do not work now, sorted."""
     return sorted(p.name for p in component.parts if p.health.state not in WORKING)
+
+
+def rollup(kind: Kind, members: Sequence[Component]) -> tuple[State, str | None]:
+    """A source's own state from its parts' (Modbus devices, SQL entities):
+
+    * a part whose credentials are refused: ``reauthorization_required`` (its reason);
+    * no part works: ``retrying``, "no device answers (d0, d1)";
+    * some parts do not work: ``degraded``, "devices not answering: d1 (timeout)";
+    * every part still ``starting``: ``starting``, "no device answers yet";
+    * else (no parts at all, too): ``ok``.
+    """
+    if not members:
+        return State.OK, None
+    for p in members:
+        if p.health.state is State.REAUTH:
+            return State.REAUTH, f"{p.label}: {p.health.reason or '-'}"
+    down = [p for p in members if p.health.state not in WORKING]
+    works, working = _WORKS.get(kind, "works"), _WORKING.get(kind, "working")
+    if len(down) == len(members):
+        names = ", ".join(sorted(p.name for p in down))
+        return State.RETRYING, f"no {kind.value} {works} ({names})"
+    if down:
+        first = min(down, key=lambda p: p.name)
+        names = ", ".join(sorted(p.name for p in down))
+        plural = _PLURAL.get(kind, f"{kind.value}s")
+        return State.DEGRADED, f"{plural} not {working}: {names} ({first.health.reason or '-'})"
+    if all(p.health.state is State.STARTING for p in members):
+        return State.STARTING, f"no {kind.value} {works} yet"
+    return State.OK, None
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +291,11 @@ class RestartLog:
         self.window = window
         self._clock = clock
         self._times: deque[float] = deque(maxlen=max(1, restarts))
+
+    def reconfigure(self, restarts: int, window: float) -> None:
+        """New thresholds (a config reload), keeping the restarts seen so far."""
+        self.restarts, self.window = restarts, window
+        self._times = deque(self._times, maxlen=max(1, restarts))
 
     def record(self) -> None:
         """Note one restart now."""

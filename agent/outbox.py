@@ -52,6 +52,7 @@ from agent import outbox_keys
 from agent import records as records_module
 from agent.configtypes import ByteSize, PositiveDuration, Section
 from agent.errors import OutboxWriteError
+from agent.health import Component, Kind, State, Tracker
 from agent.records import (
     EntityType,
     Record,
@@ -466,6 +467,7 @@ class Outbox:
         self._write_errors = 0
         self._last_write_error: str | None = None
         self._write_failing = False
+        self._tracker = Tracker(State.OK)
         self.recovered_from: str | None = None
         self.epoch = ""
         """The file's epoch: the ``prev`` of every entity's first version (see module doc)."""
@@ -694,6 +696,7 @@ class Outbox:
                 if not blocked:
                     blocked = True
                     self._blocked += 1
+                    self._judge()
                     log.warning(
                         "outbox_full_backpressure",
                         used_bytes=used,
@@ -705,6 +708,7 @@ class Outbox:
         finally:
             if blocked:
                 self._blocked -= 1
+                self._judge()
 
     def _freed(self) -> None:
         self._space.set()
@@ -724,6 +728,7 @@ class Outbox:
                 self._write_errors += 1
                 self._last_write_error = f"{type(exc).__name__}: {exc}"
                 self._write_failing = True
+                self._judge()
                 log.error("outbox_write_failed", error=self._last_write_error, items=len(group))
                 err = OutboxWriteError(f"outbox commit failed: {exc}")
                 for item in group:
@@ -734,6 +739,7 @@ class Outbox:
             else:
                 if self._write_failing:
                     self._write_failing = False
+                    self._judge()
                     log.info("outbox_write_recovered", write_errors=self._write_errors)
                 self._data.set()
                 for item in group:
@@ -1162,6 +1168,22 @@ class Outbox:
             self._freed()
 
     # ------------------------------------------------------------------ inspection
+
+    def _judge(self) -> None:
+        """Enter the state the write and budget figures say (since = when it changed)."""
+        if self._write_failing:
+            self._tracker.set(State.FAILED, self._last_write_error)
+        elif self._blocked:
+            self._tracker.set(State.BLOCKED, "sources are paused")
+        else:
+            self._tracker.set(State.OK)
+
+    def health(self) -> Component:
+        """The outbox as a component: ``failed`` while its latest commit failed (disk
+        full, I/O error), ``blocked`` while an append waits for byte budget (every
+        source is paused), else ``ok``."""
+        self._judge()
+        return Component(Kind.OUTBOX, "", self._tracker.health)
 
     async def stats(self) -> OutboxStats:
         """Figures for status, metrics and ``edge-agent outbox stats``."""

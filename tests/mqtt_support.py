@@ -50,7 +50,7 @@ async def running(
     source = MqttSource(name, config, SourceContext(agent_id="gw-1", site="site-default"))
     task = asyncio.create_task(source.run(box))
     try:
-        await until(lambda: source.state == "connected" or task.done(), what="subscribed")
+        await until(lambda: source.tracker.state == "ok" or task.done(), what="subscribed")
         if task.done():
             task.result()
         yield source

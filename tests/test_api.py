@@ -10,7 +10,6 @@ import httpx
 import jsonschema
 import pytest
 
-from agent.api import readiness, readiness_warnings
 from agent.errors import ConfigError
 from agent.outbox import Quarantined
 from tests.agent_harness import running_agent, settings_for
@@ -103,70 +102,6 @@ def test_binding_beyond_loopback_requires_a_token(tmp_path: Path) -> None:
     assert settings_for(tmp_path, api={"listen": "[::1]:8470"}).api.listen == "[::1]:8470"
 
 
-def test_readiness_reasons() -> None:
-    ok = {
-        "sources": {"a": {"state": "running"}},
-        "upstream": {"state": "ok"},
-        "outbox": {"blocked_appends": 0, "oldest_age_seconds": 10.0},
-    }
-    assert readiness(ok, 60) == []
-    bad = {
-        "sources": {"a": {"state": "failed", "last_error": "boom"}},
-        "upstream": {"state": "reauthorization_required", "last_error": "401"},
-        "outbox": {"blocked_appends": 2, "oldest_age_seconds": 7200.0},
-    }
-    reasons = readiness(bad, 3600)
-    assert len(reasons) == 4
-    assert any("source a is failed: boom" in r for r in reasons)
-    assert any("upstream is reauthorization_required" in r for r in reasons)
-    assert any("over its byte budget" in r for r in reasons)
-    assert any("7200s old" in r for r in reasons)
-
-
-def test_readiness_follows_the_latest_outbox_write() -> None:
-    """A past write error (counted) does not keep the agent unready once writes succeed."""
-    box = {"write_errors": 3, "last_write_error": "OperationalError: database or disk is full"}
-    failing = {"outbox": {**box, "write_failing": True}}
-    assert readiness(failing, 60) == [
-        "outbox write failed: OperationalError: database or disk is full"
-    ]
-    assert readiness({"outbox": {**box, "write_failing": False}}, 60) == []
-
-
-def test_readiness_decision_table() -> None:
-    """What pages the operator (a reason) and what only shows (a warning)."""
-
-    def devices(*states: str) -> dict[str, Any]:
-        return {f"d{i}": {"state": s} for i, s in enumerate(states)}
-
-    def decide(source: dict[str, Any]) -> tuple[list[str], list[str]]:
-        status = {"sources": {"s": source}}
-        return readiness(status, 60), readiness_warnings(status)
-
-    # MQTT broker unreachable: nothing flows from that source
-    reasons, warnings = decide({"state": "reconnecting", "last_error": "connection refused"})
-    assert reasons == ["source s is reconnecting: connection refused"]
-    assert warnings == []
-    # one lift controller off: the gateway is still doing its job
-    reasons, warnings = decide({"state": "degraded", "devices": devices("online", "offline")})
-    assert reasons == []
-    assert warnings == ["source s is degraded: devices not answering: d1"]
-    # one unit failing its polls (demoted, probed slowly): the same
-    reasons, warnings = decide({"state": "degraded", "devices": devices("demoted", "online")})
-    assert reasons == []
-    assert warnings == ["source s is degraded: devices not answering: d0"]
-    # no device answers at all: that source moves no data
-    reasons, warnings = decide({"state": "degraded", "devices": devices("demoted", "offline")})
-    assert reasons == ["source s: no device answers (d0, d1)"]
-    assert warnings == []
-    # an SQL entity whose sync fails and is retried
-    reasons, warnings = decide({"state": "degraded", "last_error": "timeout"})
-    assert reasons == []
-    assert warnings == ["source s is degraded: timeout"]
-    assert decide({"state": "connected"}) == ([], [])
-    assert decide({"state": "running", "devices": devices("online", "unknown")}) == ([], [])
-
-
 async def test_readyz_says_not_ready_while_the_mqtt_broker_is_unreachable(
     tmp_path: Path,
 ) -> None:
@@ -195,14 +130,21 @@ async def test_readyz_says_not_ready_while_the_mqtt_broker_is_unreachable(
     async with running_agent(settings) as agent:
         base = f"http://{settings.api.listen}"
         async with httpx.AsyncClient(base_url=base) as http:
-            r = await wait_for(lambda: _readyz_if(http, 503), what="503 from /readyz", timeout=20)
+            retrying = "source plant is retrying (reconnecting): "
+            r = await wait_for(
+                lambda: _readyz_if(http, 503, retrying), what="503 from /readyz", timeout=20
+            )
             check(r, "/readyz")
             body = r.json()
             assert body["ready"] is False
-            assert any(x.startswith("source plant is reconnecting") for x in body["reasons"])
-            assert agent.slots["plant"].status()["state"] == "reconnecting"
+            assert agent.slots["plant"].status()["state"] == "retrying"
 
 
-async def _readyz_if(http: httpx.AsyncClient, code: int) -> httpx.Response | None:
+async def _readyz_if(
+    http: httpx.AsyncClient, code: int, reason: str = ""
+) -> httpx.Response | None:
+    """The /readyz answer once it has ``code`` and a reason starting with ``reason``."""
     r = await http.get("/readyz")
-    return r if r.status_code == code else None
+    if r.status_code != code:
+        return None
+    return r if not reason or any(x.startswith(reason) for x in r.json()["reasons"]) else None

@@ -60,7 +60,7 @@ def test_status_table_and_json(agent_with_modbus: tuple[AgentProcess, Path]) -> 
     lines = r.stdout.splitlines()
     assert lines[0].startswith("agent     proc-agent  edge-agent ")
     row = next(line for line in lines if line.startswith("meters "))
-    assert row.split()[:3] == ["meters", "modbus", "running"]
+    assert row.split()[:3] == ["meters", "modbus", "ok"]
     assert any(line.startswith("outbox ") and "undelivered" in line for line in lines)
     assert any("dead letters 0" in line for line in lines)
     assert any(line.strip() == "dropped none" for line in lines)
@@ -212,7 +212,7 @@ def test_render_status_shows_errors_upstream_drops_and_dead_letters() -> None:
                   "connections": {"gw": {"state": "disconnected", "last_error": "timeout"}}},
         },
         "upstream": {"state": "retrying", "last_request_id": "req-42", "last_error": "503",
-                     "last_success_at": now - 120.0, "requests": {"503": 2}},
+                     "last_success_at": now - 120.0, "requests": {"503": 2}, "in_flight": 0},
         "outbox": {"rows": {"business": 5, "reading": 7}, "total_rows": 12, "total_bytes": 900,
                    "max_bytes": 10_000, "oldest_age_seconds": 90.0, "dead_letters": 2,
                    "quarantined": 1, "dropped": {"budget": 40}, "blocked_appends": 0},
@@ -228,6 +228,7 @@ def test_render_status_shows_errors_upstream_drops_and_dead_letters() -> None:
     row_b = next(line for line in lines if line.startswith("b "))
     assert row_b.endswith("connections.gw: timeout")
     assert "upstream  state retrying" in lines
+    assert "          in_flight             0" in lines  # a 0 is a 0, not "-"
     assert any("last_request_id" in line and "req-42" in line for line in lines)
     assert any("last_success_at" in line and "2m ago" in line for line in lines)
     assert "          dropped budget 40" in lines

@@ -249,7 +249,7 @@ async def test_second_stop_request_abandons_a_stop_step_that_hangs(tmp_path: Pat
             in_stop.set()
             await asyncio.Event().wait()  # a step that would never finish on its own
 
-    slot = SourceSlot("slow", SourceConfig(type="test"), state="running")
+    slot = SourceSlot("slow", SourceConfig(type="test"), running=True)
     slot.task = asyncio.create_task(stubborn())
     agent.slots["slow"] = slot
     agent.request_stop()

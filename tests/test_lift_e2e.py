@@ -117,7 +117,7 @@ async def test_mqtt_profile_rules_and_restart_while_raised(
     async with Outbox(tmp_path / "outbox.db") as box:
         src = MqttSource("lifts", conf, CTX)
         async with supervised(src, box):
-            await until(lambda: src.state == "connected", what="subscribed")
+            await until(lambda: src.tracker.state == "ok", what="subscribed")
             with Publisher(mosquitto.port) as pub:
                 pub.publish(topic, msg(1790000000, fault=0, position=3, speed=1.6))
                 pub.publish(topic, msg(1790000010, fault=1, position=4))
@@ -132,7 +132,7 @@ async def test_mqtt_profile_rules_and_restart_while_raised(
         # Restart while raised: a new source instance on the same outbox.
         src2 = MqttSource("lifts", conf, CTX)
         async with supervised(src2, box):
-            await until(lambda: src2.state == "connected", what="resubscribed")
+            await until(lambda: src2.tracker.state == "ok", what="resubscribed")
             with Publisher(mosquitto.port) as pub:
                 pub.publish(topic, msg(1790000020, fault=2, position=5))  # still a door fault
                 pub.publish(topic, msg(1790000030, fault=0))

@@ -184,7 +184,7 @@ async def moved(agent: Any, broker: int, db: Path) -> None:
             and up["duplicates"] > 0
             and box["dead_letters"] > 0
             and gone.get("failures", 0) > 0
-            and gone.get("state") in {"demoted", "offline"}
+            and gone.get("state") == "retrying"  # demoted or offline
             and (reconciled(st).get("totals") or {}).get("drifts", 0) > 0
             and (reconciled(st).get("totals") or {}).get("deletes", 0) > 0
         )

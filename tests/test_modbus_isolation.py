@@ -131,7 +131,7 @@ async def test_bad_units_never_cost_good_units_their_polls() -> None:
     assert conn["reopened"] == {"connection_lost": TRANSPORT_FAULTS}, figures
     for unit, fault in BAD.items():
         dev = devices[f"bad{unit}"]
-        assert dev["state"] == "demoted", (unit, fault, dev)
+        assert (dev["state"], dev["detail"]) == ("retrying", "demoted"), (unit, fault, dev)
         kind = KIND[fault.split(":")[0]]
         assert dev["errors"].get(kind, 0) >= 3, (unit, fault, dev["errors"])
         assert set(dev["errors"]) <= {kind, "connection_lost"}, (unit, fault, dev["errors"])

@@ -113,7 +113,7 @@ async def test_every_type_and_order_over_tcp_rtu_over_tcp_and_serial_url() -> No
         assert latest[f"m_{conn}.coil2"] is True
         assert latest[f"m_{conn}.di0"] is True
         status = source.status()["devices"][f"m_{conn}"]
-        assert status["state"] == "online"
+        assert (status["state"], status["detail"]) == ("ok", "online")
         assert status["requests_per_poll"] == 5  # holding x2 (gap > 16), input, coil, discrete
     temp = out.readings("m_tcp.temp")[0]
     assert temp.data["unit"] == "degC"
@@ -166,7 +166,7 @@ async def test_illegal_address_falls_back_to_split_reads_and_remembers() -> None
     assert out.latest() == {"d.a": (11 << 16) | 12, "d.b": 44}
     assert [q.reason for q in out.quarantined] == ["illegal_data_address"]
     assert out.quarantined[0].context["point"] == "missing"
-    assert status["state"] == "online"
+    assert (status["state"], status["detail"]) == ("ok", "online")
 
 
 async def test_a_cancellation_swallowed_inside_a_read_still_stops_the_worker() -> None:
@@ -249,8 +249,9 @@ async def test_mute_unit_does_not_stall_a_healthy_unit_on_the_same_connection() 
     assert mute.polls == 2
     assert source.workers["gw"].reconnects == 0
     status = source.status()
-    assert status["state"] == "degraded"
-    assert status["devices"]["mute"]["state"] == "demoted"
+    assert source.health().health.state == "degraded"
+    assert status["devices"]["mute"]["state"] == "retrying"
+    assert status["devices"]["mute"]["detail"] == "demoted"
     assert status["devices"]["mute"]["last_error"] == "no answer (timeout)"
     assert status["devices"]["mute"]["errors"] == {"timeout": 2}
     assert status["devices"]["mute"]["demotions"] == 1

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, NamedTuple, Protocol, 
 from pydantic import Field, field_validator
 
 from agent.configtypes import Section
+from agent.health import Component, Kind, State, Tracker
 from agent.outbox import AppendResult, Cursor, Quarantined
 from agent.profiles import Converter
 from agent.records import Record, SourceRef
@@ -130,7 +131,13 @@ class SourceContext:
 
 
 class Source(abc.ABC):
-    """Base class of sources: a name, a config, a status, and ``run``."""
+    """Base class of sources: a name, a config, a health, a status, and ``run``.
+
+    A source keeps its own :class:`~agent.health.Health` in ``self.tracker`` (it starts
+    ``starting``; the source says ``ok`` once it has proven its peer, ``retrying`` while
+    the peer is away...; see :mod:`agent.health`). The supervisor adds what it knows
+    (crashed, crash-looping, stopped); readiness, status and metrics read the result.
+    """
 
     system: ClassVar[str] = "unknown"
     """The ``source.system`` of this source's records (``mqtt``, ``modbus``, ``sap_ecc``...)."""
@@ -141,6 +148,7 @@ class Source(abc.ABC):
         self.name = name
         self.config = config
         self.context = context
+        self.tracker = Tracker(State.STARTING, "not started yet")
 
     @property
     def ref(self) -> SourceRef:
@@ -151,8 +159,13 @@ class Source(abc.ABC):
     async def run(self, out: Output) -> None:
         """Read input and append records until cancelled."""
 
+    def health(self) -> Component:
+        """This source's own health, with its parts' (Modbus devices, SQL entities)."""
+        return Component(Kind.SOURCE, self.name, self.tracker.health)
+
     def status(self) -> dict[str, Any]:
-        """Source-specific status figures (state, last success, last error, counters)."""
+        """Source-specific status figures (last success, last error, counters). The
+        supervisor adds the health (``state``, ``reason``, ``since``, ``detail``)."""
         return {}
 
 

@@ -208,8 +208,8 @@ class MqttHarness(SourceHarness):
 
 
 def _subscribed(source: Source) -> bool:
-    # the MQTT source says "connected" once its subscriptions are granted
-    return bool(source.status().get("state") in ("connected", "ok"))
+    # the MQTT source is ok once its subscriptions are granted
+    return source.health().health.state == "ok"
 
 
 # ---------------------------------------------------------------------- Modbus

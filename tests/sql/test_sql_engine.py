@@ -126,7 +126,7 @@ async def test_rejected_credentials_mean_reauthorization(tmp_path: Path, outbox:
     try:
         with structlog.testing.capture_logs() as logs:
             await wait_for(
-                lambda: source.status()["state"] == "reauthorization_required", what="reauth"
+                lambda: source.health().health.state == "reauthorization_required", what="reauth"
             )
             await wait_for(
                 lambda: any(

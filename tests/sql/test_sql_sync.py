@@ -70,7 +70,7 @@ async def test_scheduled_and_requested_syncs_and_persisted_state(
             lambda: status()["work_orders"]["next_scheduled_at"] is not None, what="a pass"
         )
         assert status()["work_orders"]["status"] == "completed"
-        assert source.status()["state"] == "running"
+        assert source.health().health.state == "ok"
         await sap.order("000000000002", ktext="two", aedat=sap_today())
         assert source.request_sync(["work_orders"], full=True) == ["work_orders"]
         await wait_for(lambda: "000000000002" in latest(outbox, "work_order"), what="manual sync")

@@ -40,6 +40,7 @@ import structlog
 
 from agent import tasks
 from agent.backoff import Backoff
+from agent.health import State, Tracker
 from agent.sources.modbus.config import ConnectionConfig, DeviceConfig
 from agent.sources.modbus.line import ClientFactory, Fault, Line, LineDown, make_client
 from agent.sources.modbus.planner import Request, plan, split
@@ -68,18 +69,33 @@ class Poll:
     ok: bool = True
 
 
+DEVICE_HEALTH = {
+    "unknown": State.STARTING,
+    "online": State.OK,
+    "demoted": State.RETRYING,
+    "offline": State.RETRYING,
+}
+"""What a device's own state word means (agent.health): a demoted or offline device
+moves no data and is retried."""
+
+
 @dataclass
 class DeviceState:
     """A device's plan, schedule, standing and figures (shown in status).
 
     ``state``: ``unknown`` until its first answer, ``online`` while it answers,
     ``demoted`` after ``demote_after`` consecutive failed polls (probed every
-    ``demote_for``), ``offline`` while its connection is down."""
+    ``demote_for``), ``offline`` while its connection is down. That word goes upstream
+    in the device's ``connection_status`` records; ``tracker`` holds what it means
+    (:data:`DEVICE_HEALTH`) for readiness, status and metrics."""
 
     name: str
     config: DeviceConfig
     requests: list[Request] = field(default_factory=list)
     state: str = "unknown"
+    tracker: Tracker = field(
+        default_factory=lambda: Tracker(State.STARTING, "no answer yet", detail="unknown")
+    )
     next_due: float = 0.0
     polls: int = 0
     failures: int = 0
@@ -126,7 +142,7 @@ class DeviceState:
     def status(self) -> dict[str, Any]:
         """JSON-ready figures."""
         return {
-            "state": self.state,
+            **self.tracker.health.as_dict(),
             "unit_id": self.config.unit_id,
             "polls": self.polls,
             "failures": self.failures,
@@ -191,9 +207,18 @@ class ConnectionWorker:
         self.last_error: str | None = None
 
     def status(self) -> dict[str, Any]:
-        """JSON-ready figures of the connection."""
+        """JSON-ready figures of the connection (``state`` as in :mod:`agent.health`:
+        ``starting`` before its first connect, ``ok`` connected, ``retrying`` else; its
+        own word in ``detail``)."""
+        if self.state == "connected":
+            state = State.OK
+        elif self.state == "connecting" and self.connects == 0 and self.last_error is None:
+            state = State.STARTING
+        else:
+            state = State.RETRYING
         return {
-            "state": self.state,
+            "state": state.value,
+            "detail": self.state,
             "transport": self.config.transport,
             "connects": self.connects,
             "reconnects": self.reconnects,
@@ -293,6 +318,7 @@ class ConnectionWorker:
     async def _set_state(self, device: DeviceState, state: str, reason: str | None) -> None:
         if device.state != state:
             old, device.state = device.state, state
+            device.tracker.set(DEVICE_HEALTH[state], reason, state)
             log.info("modbus_device_state", device=device.name, old=old, new=state, reason=reason)
             await self._on_state(device, state, reason)
 

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import structlog
 
+from agent.health import Component, Kind, parts, rollup
 from agent.outbox import Quarantined
 from agent.rbe import RbeFilter, RbeUndo, ReportByException
 from agent.records import STATUS_CLOCK, ArrivalClock, EntityType, Record, format_observed
@@ -61,14 +62,17 @@ class ModbusSource(Source):
             for worker in self.workers.values():
                 group.create_task(worker.run(), name=f"modbus:{self.name}:{worker.name}")
 
+    def health(self) -> Component:
+        """The devices' healths and the source's from them (:func:`agent.health.rollup`:
+        ``starting`` until a device answers, ``degraded`` while some do not, ``retrying``
+        while none does)."""
+        devices = parts(Kind.DEVICE, {n: d.tracker.health for n, d in self.devices.items()})
+        self.tracker.set(*rollup(Kind.DEVICE, devices))
+        return Component(Kind.SOURCE, self.name, self.tracker.health, devices)
+
     def status(self) -> dict[str, Any]:
         """Connections, devices and record counters."""
-        states = Counter(d.state for d in self.devices.values())
-        healthy = all(w.state == "connected" for w in self.workers.values()) and not (
-            states["offline"] or states["demoted"]
-        )
         return {
-            "state": "running" if healthy else "degraded",
             "connections": {n: w.status() for n, w in self.workers.items()},
             "devices": {n: d.status() for n, d in self.devices.items()},
             "counters": {**self.counters, "rbe_suppressed": self.rbe.suppressed},
@@ -198,6 +202,7 @@ class ModbusSource(Source):
 
     async def _device_state(self, device: DeviceState, state: str, reason: str | None) -> None:
         """A device changed state: tell upstream with a per-device connection_status."""
+        self.health()  # the source's state changes now, not when someone looks
         if self._out is None or state == "unknown":
             return
         record = Record.entity(

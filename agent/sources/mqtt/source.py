@@ -47,6 +47,7 @@ from agent import tasks
 from agent.backoff import Backoff
 from agent.configtypes import secret_value
 from agent.errors import OutboxWriteError
+from agent.health import State
 from agent.outbox import Cursor, Quarantined
 from agent.rbe import RbeUndo
 from agent.records import Record
@@ -178,7 +179,7 @@ class MqttSource(Source):
         self.mapper = Mapper(self.ref, config)
         self.counters: Counter[str] = Counter()
         self.connected = False
-        self.state = "starting"
+        self.tracker.set(State.STARTING, "not connected yet")
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.last_message_at: float | None = None
@@ -197,7 +198,6 @@ class MqttSource(Source):
         bad = dict(self.mapper.counters)
         conn = None if self._pipe is None or self._pipe.closed else self._pipe.conn
         return {
-            "state": self.state,
             "connected": self.connected,
             "broker": f"{self.cfg.host}:{self.cfg.port}",
             "client_id": self.cfg.client_id,
@@ -228,7 +228,9 @@ class MqttSource(Source):
         while True:
             tasks.raise_if_cancelling()  # a stop lost inside aiomqtt (see agent.tasks)
             started = time.monotonic()
-            self.state = "connecting"
+            if self.last_error is None:  # the first connect: nothing proven yet
+                broker = f"{self.cfg.host}:{self.cfg.port}"
+                self.tracker.set(State.STARTING, f"connecting to {broker}", "connecting")
             try:
                 await self._session(out)
             except aiomqtt.MqttError as exc:
@@ -242,7 +244,7 @@ class MqttSource(Source):
             lived = time.monotonic() - started
             self._after_disconnect(lived, backoff)
             delay = backoff.delay(at_least=self.cfg.reconnect_initial / 10)
-            self.state = "reconnecting"
+            self.tracker.set(State.RETRYING, self.last_error, "reconnecting")
             log.info("mqtt_reconnect_scheduled", source=self.name, delay=round(delay, 2))
             await tasks.sleep(delay)
 
@@ -341,7 +343,7 @@ class MqttSource(Source):
             )
         await self._subscribe(client)
         tasks.raise_if_cancelling()  # so may the subscribe
-        self.state = "connected"
+        self.tracker.set(State.OK)
         if self._short_streak < self.cfg.clash_threshold:
             self.clash_suspected = False
         await self._consume(client, pipe, out)

@@ -12,6 +12,7 @@ import structlog
 from agent import tasks
 from agent.backoff import Backoff
 from agent.errors import ReauthorizationRequired
+from agent.health import Component, Kind, State, Tracker, parts, rollup
 from agent.records import connection_status
 from agent.sources.base import Output, Source, SourceContext
 from agent.sources.sql import profiles
@@ -41,7 +42,11 @@ class SqlSource(Source):
         self.db = Database(config)
         self.specs = profiles.build(config, self.db)
         self.entities = {s.name: EntitySync(self, s) for s in self.specs}
-        self.state = "starting"
+        self.tracker.set(State.STARTING, "restoring the sync state")
+        self._entity_health = {
+            name: Tracker(State.STARTING, "first sync pass not done yet") for name in self.entities
+        }
+        self._running = False
         self.last_error: str | None = None
         self._requests: dict[str, _Request] = {}
         self._wake = {name: asyncio.Event() for name in self.entities}
@@ -71,10 +76,22 @@ class SqlSource(Source):
         (/v1/sync-status)."""
         return {name: e.status() for name, e in self.entities.items()}
 
+    def health(self) -> Component:
+        """The entities' healths and the source's from them (:func:`agent.health.rollup`):
+        ``starting`` until an entity has read rows or finished a pass, ``degraded`` while
+        some entities fail their syncs (retried), ``retrying`` while all do,
+        ``reauthorization_required`` when the database refuses the credentials."""
+        for name, tracker in self._entity_health.items():
+            if tracker.state is State.STARTING and self.entities[name].state.rows > 0:
+                tracker.set(State.OK)  # the first pass reads: the database answers
+        entities = parts(Kind.ENTITY, {n: t.health for n, t in self._entity_health.items()})
+        if self._running:
+            self.tracker.set(*rollup(Kind.ENTITY, entities))
+        return Component(Kind.SOURCE, self.name, self.tracker.health, entities)
+
     def status(self) -> dict[str, Any]:
-        """Source state for /v1/status (the URL is shown with its password masked)."""
+        """Source figures for /v1/status (the URL is shown with its password masked)."""
         return {
-            "state": self.state,
             "profile": self.config.profile,
             "url": self.db.display_url,
             "last_error": self.last_error,
@@ -126,7 +143,8 @@ class SqlSource(Source):
         try:
             for entity in self.entities.values():
                 await entity.load(out)
-            self.state = "running"
+            self._running = True
+            self.health()
             async with asyncio.TaskGroup() as group:
                 for name in self.entities:
                     group.create_task(self._entity_loop(name, out), name=f"sql:{self.name}:{name}")
@@ -163,7 +181,7 @@ class SqlSource(Source):
                 entity.reconciler.defer(delay)
             else:
                 backoff.reset()
-                await self._recovered(out)
+                await self._recovered(out, name)
                 if passing:
                     next_run = time.time() + self.config.interval
             entity.state.next_scheduled_at = next_run
@@ -185,30 +203,29 @@ class SqlSource(Source):
         entity.state.status = "failed"
         entity.state.error = f"{type(exc).__name__}: {exc}"
         self.last_error = entity.state.error
+        tracker = self._entity_health[entity.spec.name]
         if isinstance(exc, ReauthorizationRequired):
             backoff.cap = REAUTH_RETRY_CAP
-            self.state = "reauthorization_required"
+            tracker.set(State.REAUTH, entity.state.error)
             await self._report(out, "reauthorization_required", exc.reason, str(exc))
         else:
             backoff.cap = self.config.retry_cap
-            if self.state != "reauthorization_required":
-                self.state = "degraded"
+            tracker.set(State.RETRYING, entity.state.error)
         delay = backoff.delay()
         log.error(
             "sql_sync_failed",
             source=self.name,
             entity=entity.spec.name,
-            state=self.state,
+            state=self.health().health.state.value,
             error=entity.state.error,
             retry_in=round(delay, 2),
         )
         return delay
 
-    async def _recovered(self, out: Output) -> None:
-        if self.state != "running" and all(
-            e.state.status != "failed" for e in self.entities.values()
-        ):
-            self.state = "running"
+    async def _recovered(self, out: Output, name: str) -> None:
+        self._entity_health[name].set(State.OK)
+        was = self.tracker.state
+        if self.health().health.state is State.OK and was is not State.OK:
             self.last_error = None
             if self._reported is not None:
                 await self._report(out, "connected", None, None)
