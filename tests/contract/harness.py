@@ -56,6 +56,10 @@ class SourceHarness(abc.ABC):
     """A part of the quarantine reason of :meth:`feed_bad`'s input."""
     flood: ClassVar[int] = 30
     """Inputs fed while appends wait (MQTT: more than ``max_held_bytes`` holds)."""
+    live: ClassVar[bool] = False
+    """Whether input reaches only a reader that is there when it is fed (MQTT without
+    retain); otherwise a reader that comes later still reads what was fed (rows,
+    registers)."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -118,6 +122,7 @@ class MqttHarness(SourceHarness):
 
     type = "mqtt"
     bad_reason = "invalid_json"
+    live = True
     flood = 200
     TOPIC = "site/s1/lift/L1/telemetry"
     MAX_HELD = 32 * 1024
