@@ -7,8 +7,8 @@ would silently escape the conformance suites; this fails instead, naming it.
 
 from __future__ import annotations
 
-from tests.contract import harness
-from tests.contract.registry import source_types
+from tests.contract import harness, sink_harness
+from tests.contract.registry import sink_types, source_types
 
 
 def test_every_registered_source_type_has_a_contract_harness() -> None:
@@ -24,4 +24,16 @@ def test_every_harness_drives_a_registered_type() -> None:
     stale = sorted(set(harness.HARNESSES) - set(source_types()))
     assert stale == []
     for kind, classes in harness.HARNESSES.items():
+        assert all(cls.type == kind for cls in classes), kind
+
+
+def test_every_registered_sink_type_has_a_contract_harness() -> None:
+    missing = [kind for kind in sink_types() if not sink_harness.SINK_HARNESSES.get(kind)]
+    assert missing == [], (
+        f"sink types without a contract harness: {missing}; add one to "
+        "tests/contract/sink_harness.py (SINK_HARNESSES) - see docs/architecture.md"
+    )
+    stale = sorted(set(sink_harness.SINK_HARNESSES) - set(sink_types()))
+    assert stale == []
+    for kind, classes in sink_harness.SINK_HARNESSES.items():
         assert all(cls.type == kind for cls in classes), kind

@@ -1,0 +1,132 @@
+"""One harness per sink type: a real upstream peer that can misbehave on demand.
+
+A harness owns its peer on 127.0.0.1 and can make it refuse chosen records, fail the
+next request transiently (asking for a delay), refuse batches over a size, refuse the
+current credentials, answer late, and go away and come back. The sink contract suite
+(tests/contract/test_sink_contract.py) runs every case through these verbs, so a new sink
+type passes by adding one harness class and its line in :data:`SINK_HARNESSES`.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Any, ClassVar
+
+from agent.receiver import Receiver, Store
+
+
+class SinkHarness(abc.ABC):
+    """A sink type's upstream peer; see the module docstring."""
+
+    type: ClassVar[str]
+    """The registered sink type (``upstream.type``) this harness drives."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Start the peer."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Stop it for good."""
+
+    @abc.abstractmethod
+    def table(self, **over: Any) -> dict[str, Any]:
+        """An ``[upstream]`` table for this peer with its current credentials."""
+
+    @abc.abstractmethod
+    def stored_ids(self) -> set[str]:
+        """Ids of every record the peer holds."""
+
+    @abc.abstractmethod
+    async def reject(self, pattern: str) -> None:
+        """Refuse records whose id or remote id match ``pattern`` (one by one)."""
+
+    @abc.abstractmethod
+    async def fail_next(self, retry_after: int) -> None:
+        """Fail the next request transiently, asking for ``retry_after`` seconds."""
+
+    @abc.abstractmethod
+    async def limit_batch(self, max_bytes: int) -> None:
+        """Refuse any batch larger than ``max_bytes`` as too large."""
+
+    @abc.abstractmethod
+    async def rotate_credentials(self) -> None:
+        """Accept only new credentials from now on (:meth:`table` has them)."""
+
+    @abc.abstractmethod
+    async def slow(self, seconds: float) -> None:
+        """Answer every request ``seconds`` late."""
+
+    @abc.abstractmethod
+    async def break_peer(self) -> None:
+        """Take the peer away (connections refused)."""
+
+    @abc.abstractmethod
+    async def restore_peer(self) -> None:
+        """Bring it back (same address, same store)."""
+
+
+class HttpHarness(SinkHarness):
+    """The reference receiver (agent/receiver.py) in-process, faults set directly."""
+
+    type = "http"
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.token = "contract-token-1"
+        self.store = Store(workdir / "receiver.db")
+        self.rx = Receiver(self.store, self.token)
+
+    async def start(self) -> None:
+        await self.rx.start()
+
+    async def stop(self) -> None:
+        await self.rx.stop()
+        self.store.close()
+
+    def table(self, **over: Any) -> dict[str, Any]:
+        return {
+            "type": "http",
+            "url": f"http://127.0.0.1:{self.rx.port}",
+            "token": self.token,
+            "backoff_initial": "50ms",
+            "backoff_cap": "200ms",
+            "reauth_probe_interval": "200ms",
+            "connect_timeout": "2s",
+            "read_timeout": "20s",
+            **over,
+        }
+
+    def stored_ids(self) -> set[str]:
+        return self.store.ids()
+
+    async def reject(self, pattern: str) -> None:
+        self.rx.faults.update({"reject_pattern": pattern, "reject_mode": "record"})
+
+    async def fail_next(self, retry_after: int) -> None:
+        self.rx.faults.update({"status": 503, "status_count": 1, "retry_after": str(retry_after)})
+
+    async def limit_batch(self, max_bytes: int) -> None:
+        self.rx.faults.update({"max_body_bytes": max_bytes})
+
+    async def rotate_credentials(self) -> None:
+        self.token = self.rx.token = self.token[:-1] + str(int(self.token[-1]) + 1)
+
+    async def slow(self, seconds: float) -> None:
+        self.rx.faults.update({"latency": seconds})
+
+    async def break_peer(self) -> None:
+        await self.rx.stop()
+
+    async def restore_peer(self) -> None:
+        await self.rx.start()
+
+
+SINK_HARNESSES: dict[str, list[type[SinkHarness]]] = {
+    # upstream.type: the harnesses its contract runs with (one parameter each)
+    "http": [HttpHarness],
+}
