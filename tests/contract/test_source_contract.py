@@ -34,6 +34,7 @@ from typing import Any
 import pytest
 
 from agent import config as cfg
+from agent.health import State
 from agent.outbox import Outbox
 from agent.sources.base import Source
 from tests.agent_harness import running_agent
@@ -324,19 +325,17 @@ async def test_bad_input_is_quarantined_beside_good_input(rig: Rig) -> None:
     await stop(run, "the source after bad input")
 
 
-@pytest.mark.skipif(not hasattr(Source, "health"), reason="typed source health not yet on main")
 async def test_health_goes_starting_ok_retrying_ok(rig: Rig) -> None:
     """The source's typed health follows its peer: starting until proven, ok, retrying
     while the peer is away, ok again once it is back."""
-    from agent.health import State  # noqa: PLC0415
 
     def state() -> State:
-        return run.source.health().health.state  # type: ignore[attr-defined, no-any-return]
+        return run.source.health().health.state
 
     out = TestOutput(await rig.open())
     config = parse(rig.h, rig.h.table(rig.name))
     source = build_source(rig.h.type, rig.name, config)
-    assert source.health().health.state is State.STARTING  # type: ignore[attr-defined]
+    assert source.health().health.state is State.STARTING
     run = Running(source, asyncio.create_task(source.run(out)))
     rig.runs.append(run)
     await wait_for(lambda: state() is State.OK, 30, "ok", detail=state)
