@@ -17,11 +17,13 @@ from typing import Any
 
 import orjson
 import pytest
+import trustme
 from sqlalchemy import text
 
 from agent import config as cfg
 from agent import tap as tap_cli
 from agent.__main__ import build_parser, main
+from agent.errors import TransientError
 from agent.outbox import Outbox, Quarantined
 from agent.records import Record
 from agent.sources import source_plugin
@@ -30,7 +32,7 @@ from agent.sources.mqtt.tap import tap_client_id
 from agent.sources.sql import SqlSource, SqlSourceConfig
 from tests.agent_process import base_config, cli, write_config
 from tests.helpers.cmms import declarative_source, sqlite_cmms
-from tests.helpers.mosquitto import Mosquitto
+from tests.helpers.mosquitto import Mosquitto, Tls, have_mosquitto
 from tests.helpers.mqttpub import Publisher
 from tests.helpers.waiting import free_port
 from tests.helpers.waiting import wait_for as until
@@ -396,3 +398,47 @@ def test_sql_tap_of_an_unreachable_database_is_one_line_exit_1(
     assert "tap cmms: cannot query entity 'work_orders' on postgresql+asyncpg://edge:***@" in err
     assert "s3cret-pw" not in err
     assert "Traceback" not in err
+
+
+async def test_mqtt_tap_over_tls_with_a_client_certificate(tmp_path: Path) -> None:
+    """The tap connects as the source does (its TLS settings); an untrusted broker is a
+    runtime error naming the broker, not a traceback."""
+    if not have_mosquitto():
+        pytest.skip("mosquitto is not installed")
+    ca, other = trustme.CA(), trustme.CA()
+    server = ca.issue_cert("127.0.0.1")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    other.cert_pem.write_to_path(str(tmp_path / "other.pem"))
+    server.private_key_pem.write_to_path(str(tmp_path / "server.key"))
+    server.cert_chain_pems[0].write_to_path(str(tmp_path / "server.crt"))
+    ca.issue_cert("edge-agent").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "client.pem")
+    )
+    tls = Tls(tmp_path / "ca.pem", tmp_path / "server.crt", tmp_path / "server.key", True)
+    broker = Mosquitto(tmp_path / "broker", tls=tls)
+    broker.start()
+    try:
+        with Publisher(broker.port) as pub:  # the plain listener
+            pub.publish(TELEMETRY.format(asset="T1"), telemetry("T1", 9.0), retain=True)
+        conf = mqtt_config(
+            broker.tls_port,
+            tls={"ca_file": str(tmp_path / "ca.pem"), "cert_file": str(tmp_path / "client.pem")},
+        )
+        items = [i async for i in tapped("lifts", conf, TapRequest(limit=1, timeout=30))]
+        assert [i.remote_id for i in items if isinstance(i, Record)] == ["T1/load"]
+        untrusted = mqtt_config(broker.tls_port, tls={"ca_file": str(tmp_path / "other.pem")})
+        with pytest.raises(TransientError) as err:
+            _ = [i async for i in tapped("lifts", untrusted, TapRequest(limit=1, timeout=30))]
+        assert f"cannot read from broker 127.0.0.1:{broker.tls_port}" in str(err.value)
+        assert "CERTIFICATE_VERIFY_FAILED" in str(err.value)
+    finally:
+        broker.stop()
+
+
+def test_a_disabled_source_can_be_tapped_before_it_is_enabled(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = {**declarative_source(sqlite_cmms(tmp_path / "cmms.db", rows=2)), "enabled": False}
+    conf = write_config(tmp_path / "agent.toml", base_config(tmp_path, sources={"cmms": source}))
+    assert main(["--config", str(conf), "tap", "cmms", "--json"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
