@@ -515,6 +515,13 @@ async def _(w: World) -> list[str]:
     return keys
 
 
+@kind("asset_created", "assets", "changes")
+async def _(w: World) -> list[str]:
+    """IE01: new equipment (ERDAT and AEDAT today); keeps the pool from running dry in
+    long runs, where every deck hard-deletes one."""
+    return [await w.equipment(sap_day())]
+
+
 @kind("asset_status", "assets", "status")
 async def _(w: World) -> list[str]:
     keys = w.pick("assets")
@@ -534,7 +541,7 @@ async def _(w: World) -> list[str]:
 
 @kind("asset_hard_deleted", "assets", None)
 async def _(w: World) -> list[str]:
-    keys = w.pick("assets")
+    keys = w.pick("assets") if len(w.live["assets"]) > 2 else []  # orders need equipment
     for k in keys:
         for table in ("EQUI", "EQKT", "EQUZ"):
             await w.remove(table, EQUNR=k)
