@@ -15,7 +15,7 @@ ordered with them), with the writer's ``sqlite3`` connection.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import orjson
@@ -67,6 +67,30 @@ _VERSIONS = (
     "digest = excluded.digest"
 )
 _IN_JSON = "key IN (SELECT value FROM json_each(?))"
+_LOOKUP = (
+    "SELECT json_group_array(json_array(key, live, digest, hex(fields), undelivered)) "
+    f"FROM source_keys WHERE scope = ? AND {_IN_JSON}"
+)
+# Of a {key: digest} object, the keys whose row is not simply "that version, its field
+# digests known, delivered": absent, another digest (or none), no field digests, or
+# refused upstream. The usual case, a chunk of unchanged rows, returns an empty array.
+# (An object rather than pairs: json_each hands key and value out directly, 2-3 times
+# faster than json_extract() of each pair.)
+_DIFFERING = (
+    "SELECT json_group_array(json_array(j.key, s.key IS NOT NULL, s.live, s.digest, "
+    "hex(s.fields), s.undelivered)) "
+    "FROM json_each(?2) j LEFT JOIN source_keys s ON s.scope = ?1 AND s.key = j.key "
+    "WHERE s.digest IS NULL OR s.digest != j.value OR s.fields IS NULL OR s.undelivered"
+)
+
+
+def _key_rows(blob: str | None) -> dict[str, KeyRow]:
+    if not blob:
+        return {}
+    return {
+        k: KeyRow(bool(lv), d, bytes.fromhex(f) if f else None, bool(u))
+        for k, lv, d, f, u in orjson.loads(blob)
+    }
 
 
 class KeyRow(NamedTuple):
@@ -233,18 +257,38 @@ class KeySet:
     async def lookup(self, keys: Sequence[str]) -> dict[str, KeyRow]:
         """What is known of ``keys`` (keys never appended are absent)."""
 
-        def read(con: sqlite3.Connection) -> dict[str, KeyRow]:
+        def read(con: sqlite3.Connection) -> str | None:
             sid = self._sid(con)
             if sid is None or not keys:
-                return {}
-            rows = con.execute(
-                "SELECT key, live, digest, fields, undelivered FROM source_keys "
-                f"WHERE scope = ? AND {_IN_JSON}",
-                (sid, orjson.dumps(list(keys)).decode()),
-            ).fetchall()
-            return {k: KeyRow(bool(lv), d, f, bool(u)) for k, lv, d, f, u in rows}
+                return None
+            (blob,) = con.execute(_LOOKUP, (sid, orjson.dumps(list(keys)).decode())).fetchone()
+            return blob  # type: ignore[no-any-return]
 
-        return await self._run(read)  # type: ignore[no-any-return]
+        # One row, one JSON text: the writer thread takes the GIL once, not once per key
+        # (with the event loop busy mapping, every re-take waited for it: 60 ms instead
+        # of 15 for 5,000 keys). Decoded here, on the loop.
+        return _key_rows(await self._run(read))
+
+    async def differing(self, versions: Mapping[str, int]) -> dict[str, KeyRow | None]:
+        """Of ``{key: digest}``, the keys that are not held as exactly that version with
+        its field digests known and delivered: ``None`` for a key never appended, else
+        what is known of it. Keys left out of the answer are held as given."""
+
+        def read(con: sqlite3.Connection) -> str | None:
+            sid = self._sid(con)
+            if not versions:
+                return None
+            args = (sid or -1, orjson.dumps(versions).decode())
+            (blob,) = con.execute(_DIFFERING, args).fetchone()
+            return blob  # type: ignore[no-any-return]
+
+        blob = await self._run(read)
+        if not blob:
+            return {}
+        return {
+            k: KeyRow(bool(lv), d, bytes.fromhex(f) if f else None, bool(u)) if found else None
+            for k, found, lv, d, f, u in orjson.loads(blob)
+        }
 
     async def stale(self, below: int, after: str | None, limit: int) -> list[tuple[str, bool]]:
         """``(key, live)`` of keys whose mark is below ``below``, in key order after ``after``."""

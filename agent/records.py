@@ -27,7 +27,7 @@ import functools
 import hashlib
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -300,6 +300,27 @@ def content_hash(
     """``sha256:<hex>`` over the canonical JSON of what the upstream sees of a version."""
     encode = canonical_json
     return _hash(encode(op), encode(data), encode(custom), encode(remote_data))
+
+
+def content_digests(versions: Sequence[tuple[Any, ...]]) -> list[int]:
+    """Per ``(data, op, modified, custom, remote_data)`` (a mapped row), the first 60 bits
+    of its :func:`content_hash` digest as an integer: what a key set keeps per key
+    (:func:`agent.outbox_keys.digest_of` of the hash text), without the hex text in
+    between. Reconciliation computes it for every row it compares, so the loop is here,
+    its lookups hoisted."""
+    dumps, option, default, ops, sha256 = orjson.dumps, _CANON, _default, _OP_JSON, hashlib.sha256
+    from_bytes, join = int.from_bytes, b"".join
+    out: list[int] = []
+    append = out.append
+    for data, op, _, custom, remote in versions:
+        body = join(
+            (b'{"custom":', dumps(custom, default=default, option=option) if custom else
+             _EMPTY_OBJECT, b',"data":', dumps(data, default=default, option=option),
+             b',"op":', ops.get(op) or dumps(op, option=option), b',"remote_data":',
+             _NULL if remote is None else dumps(remote, default=default, option=option), b"}")
+        )  # fmt: skip
+        append(from_bytes(sha256(body).digest()[:8], "big") >> 4)
+    return out
 
 
 @dataclass(frozen=True, slots=True)

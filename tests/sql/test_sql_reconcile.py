@@ -18,7 +18,7 @@ from sqlalchemy import delete, update
 from structlog.testing import capture_logs
 
 from agent.api import AgentCollector
-from agent.outbox import Cursor, Outbox
+from agent.outbox import Cursor, Outbox, OutboxWriteError
 from agent.sources.sql import keyset
 from tests.sql.conftest import Backend, latest, make_source, outbox_records, sql_config
 from tests.sql.sapdb import SapDb
@@ -337,3 +337,54 @@ async def test_a_customer_field_change_is_a_drift(backend: Backend, outbox: Outb
         await source.aclose()
     assert latest(outbox, "work_order")[ORDERS[0]]["custom"] == {"zz_contract": "C-2"}
     assert drifts(logs)[ORDERS[0]]["fields"] == ["custom.zz_contract", "remote_data"]
+
+
+class FailingOnce:
+    """The real outbox, but the n-th append fails without committing (disk full)."""
+
+    def __init__(self, box: Outbox, at: int) -> None:
+        self.box, self.at, self.calls = box, at, 0
+
+    async def append(self, records: Any, cursor: Any = None, **kw: Any) -> Any:
+        self.calls += 1
+        if self.calls == self.at:
+            raise OutboxWriteError("outbox commit failed: database or disk is full")
+        return await self.box.append(records, cursor, **kw)
+
+    async def cursor(self, source: str, key: str) -> Any:
+        return await self.box.cursor(source, key)
+
+    def key_set(self, source: str, name: str) -> Any:
+        return self.box.key_set(source, name)
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["scheduled", "without_pauses"])
+async def test_a_failed_step_is_done_again_not_skipped(
+    pg: Backend, outbox: Outbox, pipelined: bool
+):
+    """A step whose commit failed is read again: its keys are not taken for deleted."""
+    sap = SapDb(pg.engine, pg.schema)
+    await sap.create()
+    keys = [f"{4400000 + i:012d}" for i in range(10)]
+    await orders(sap, keys)
+    config = sql_config(pg, include=["work_orders"], chunk_size=3, reconcile_interval="1d")
+    source = make_source(config)
+    try:
+        await source.sync_once(outbox, reconcile=True)  # baseline
+        rec = source.entities["work_orders"].reconciler
+        failing = FailingOnce(outbox, at=2)
+        if pipelined:
+            with pytest.raises(OutboxWriteError):
+                await rec.run_pass(failing)
+            await rec.run_pass(outbox, fresh=False)  # what the next sync --full resumes
+        else:
+            await rec.step(failing)
+            with pytest.raises(OutboxWriteError):
+                await rec.step(failing)
+            while not await rec.step(outbox):
+                pass
+    finally:
+        await source.aclose()
+    assert [r["remote_id"] for r in outbox_records(outbox) if r["op"] == "delete"] == []
+    assert rec.last is not None
+    assert (rec.last.rows, rec.last.deletes) == (11, 0)

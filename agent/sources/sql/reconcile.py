@@ -15,16 +15,27 @@ current content again. Versions still waiting in the outbox count as held: they 
 delivered in order before anything appended later.
 
 Progress (pass number, position, figures) is an outbox cursor committed with each step's
-records and key marks, so a restart resumes the pass where it stopped.
+records and key marks, so a restart resumes the pass where it stopped. A step that fails
+(a database error, an outbox commit that failed) leaves the in-memory progress ahead of
+what committed: the next step first reloads it from the cursor, so the failed chunk is
+read again instead of its keys being taken for hard deletes.
+
+A pass without pauses (``sync --full``, tests, the benchmark) overlaps its work: the next
+chunk is fetched while one is compared, the key set's rows of a chunk are read (on the
+outbox's writer thread) while the chunk is mapped, and a chunk's commit runs while the
+next one is read and mapped. Commits stay in order, and the delete phase starts only
+after the last scan chunk committed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import math
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -33,7 +44,7 @@ import structlog
 
 from agent.outbox import Cursor, KeyMarks, Quarantined
 from agent.outbox_keys import KeyRow, KeySet, digest_of
-from agent.records import Op, Record, content_hash, entity_builder, format_time
+from agent.records import Op, Record, content_digests, entity_builder, format_time
 from agent.sources.base import Output
 from agent.sources.sql import keyset, mapping
 from agent.sources.sql.model import (
@@ -57,6 +68,20 @@ DRIFT_LOG_LIMIT = 1000
 """Drift warnings per entity and pass; the rest are counted in the pass summary."""
 SEED_BATCH = 50_000
 """Keys per transaction when seeding the key set from an older agent's key list."""
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """Cyclic GC paused for a loop over one chunk (no await inside): its ~20 objects per
+    row are freed a chunk later, and collections in between find nothing (as in the
+    sync's mapping, agent.sources.sql.sync)."""
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
 
 
 def _iso(at: float | None) -> str | None:
@@ -153,6 +178,10 @@ class Reconciler:
         self._logged = 0
         self._fields: Counter[str] = Counter()
         self._prefetch: tuple[tuple[Any, ...] | None, asyncio.Task[list[Row]]] | None = None
+        self._commit: asyncio.Future[Any] | None = None
+        """The last scan chunk's append, still committing (passes without pauses)."""
+        self._reload = False
+        """A step failed: progress in memory may be ahead of the committed cursor."""
 
     @property
     def cursor_key(self) -> str:
@@ -280,26 +309,60 @@ class Reconciler:
     async def run_pass(self, out: Output, *, fresh: bool = True, full: bool = False) -> int:
         """One whole pass without pauses (a new one, or the one in progress if not
         ``fresh``); returns the number of ``delete`` records it sent."""
+        if self._reload:
+            await self._reload_state(out)
         if fresh or self.phase == "idle":
             await self._begin(out, full=full)
         try:
             while not await self.step(out, prefetch=True):
                 pass
+        except BaseException:
+            self._reload = True
+            raise
         finally:
             self._drop_prefetch()
+            if self._commit is not None:  # only after a failure: let it end, then reload
+                with contextlib.suppress(Exception):
+                    await self._flush()
+                self._commit = None
         assert self.last is not None
         return self.last.deletes
 
     async def step(self, out: Output, *, prefetch: bool = False) -> bool:
         """One scheduled step: a scan chunk or a page of deletes. True when a pass ended."""
+        if self._reload:
+            await self._reload_state(out)
         self.retry_at = None
         self._last_step_at = time.time()
-        if self.phase == "idle":
-            await self._begin(out, full=False)
-        if self.phase == "scan":
-            await self._scan_step(out, prefetch)
-            return False
-        return await self._delete_step(out)
+        try:
+            if self.phase == "idle":
+                await self._begin(out, full=False)
+            if self.phase == "scan":
+                await self._scan_step(out, prefetch)
+                return False
+            return await self._delete_step(out)
+        except BaseException:
+            self._reload = True
+            self._drop_prefetch()
+            raise
+
+    async def _reload_state(self, out: Output) -> None:
+        """Progress as last committed (after a failed step: what memory holds may be
+        ahead of it, and a chunk not committed must not count as seen)."""
+        self._drop_prefetch()
+        value = await out.cursor(self.source.name, self.cursor_key)
+        if isinstance(value, dict):
+            self._restore(value)
+        else:
+            self.phase, self.after, self.gone_after = "idle", None, None
+            self.current = Figures()
+        self._reload = False
+
+    async def _flush(self) -> None:
+        """Wait for the previous chunk's commit (and raise its failure)."""
+        pending, self._commit = self._commit, None
+        if pending is not None:
+            await pending
 
     async def _begin(self, out: Output, *, full: bool) -> None:
         self._drop_prefetch()
@@ -359,9 +422,15 @@ class Reconciler:
         marks = self._marks(
             versions=chunk.versions, seen=chunk.seen, resend=chunk.resend, sent=True
         )
-        await out.append(chunk.records, cursor=[self._cursor(), marks], quarantine=chunk.bad)
+        await self._flush()  # commits in order; a failed one fails this step
+        append = out.append(chunk.records, cursor=[self._cursor(), marks], quarantine=chunk.bad)
+        if prefetch:  # a pass without pauses: the commit runs while the next chunk is read
+            self._commit = asyncio.ensure_future(append)
+        else:
+            await append
 
     async def _delete_step(self, out: Output) -> bool:
+        await self._flush()  # every scan chunk's marks committed before keys count as gone
         stale = await self.keys(out).stale(self.number, self.gone_after, self.config.chunk_size)
         now = datetime.now(UTC)
         records = [
@@ -428,14 +497,41 @@ class Reconciler:
 
     async def _sort(self, out: Output, rows: Sequence[Row]) -> _Chunk:
         """Map a chunk and compare it with the key set: what to send, what to mark."""
-        spec, entity = self.spec, self.entity
+        spec = self.spec
         ctx = await spec.enrich(rows) if spec.enrich is not None else None
-        mapped = self._map(rows, ctx)
-        keys = self.keys(out)
-        known = await keys.lookup([m[0] for m in mapped if m[0] is not None])
+        with _no_gc():
+            mapped = self._map(rows, ctx)
+            good = [(rid, parts) for rid, _, parts, _ in mapped if parts is not None]
+            digests = content_digests([parts for _, parts in good])
+        # The outbox compares: only keys not held as exactly this version come back.
+        versions = {str(rid): d for (rid, _), d in zip(good, digests, strict=True)}
+        if len(versions) == len(good):
+            differ = await self.keys(out).differing(versions)
+        else:  # two rows of the chunk gave one remote_id (a mapper's choice): each compared
+            held = await self.keys(out).lookup(list(versions))
+            differ = {str(rid): held.get(str(rid)) for rid, _ in good}
         chunk = _Chunk()
+        with _no_gc():
+            candidates = self._compare(chunk, mapped, digests, differ)
+        if candidates and not self.current.full:
+            candidates = await self._settle(out, candidates)
+        self._take(chunk, candidates)
+        return chunk
+
+    def _compare(
+        self,
+        chunk: _Chunk,
+        mapped: list[tuple[str | None, Row, tuple[Any, ...] | None, Exception | None]],
+        digests: list[int],
+        differ: dict[str, KeyRow | None],
+    ) -> list[_Candidate]:
+        """Sort mapped rows (``digests``: of those that mapped, in order; ``differ``: the
+        keys not held as exactly that version) into ``chunk`` (seen, versions to fill
+        in, quarantined); returns those that differ."""
+        entity = self.entity
         floor = self._window_floor()
         candidates: list[_Candidate] = []
+        next_digest = iter(digests).__next__
         for rid, row, parts, error in mapped:
             if parts is None:
                 assert error is not None
@@ -445,9 +541,12 @@ class Reconciler:
                     chunk.seen.append(rid)  # it exists: not a hard delete
                 continue
             assert rid is not None
-            data, op, _, custom, remote = parts
-            digest = digest_of(content_hash(op, data, custom, remote))
-            had = known.get(rid)
+            digest = next_digest()
+            if rid not in differ:  # the usual case: held, delivered, fields known
+                chunk.seen.append(rid)
+                continue
+            op = parts[1]
+            had = differ[rid]
             kind = self._classify(had, digest, row, floor)
             if kind == "seen":
                 if had is not None and had.fields is None:  # fill in, for later drifts
@@ -458,10 +557,7 @@ class Reconciler:
                 self.current.out_of_window += 1
             else:
                 candidates.append(_Candidate(kind, rid, had, parts, digest))
-        if candidates and not self.current.full:
-            candidates = await self._settle(out, candidates)
-        self._take(chunk, candidates)
-        return chunk
+        return candidates
 
     async def _settle(self, out: Output, candidates: list[_Candidate]) -> list[_Candidate]:
         """Drop candidates a feed delivers by itself in its next pass.
@@ -471,6 +567,7 @@ class Reconciler:
         pass would be due soon anyway), and what they appended meanwhile wins: it was
         read later than this chunk. What no feed touched is a drift.
         """
+        await self._flush()  # the feeds' appends come after the scan's, as they were read
         await self.entity.run_pass(out)
         now = await self.keys(out).lookup([c.rid for c in candidates])
         return [c for c in candidates if now.get(c.rid) == c.had]
