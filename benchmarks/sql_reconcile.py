@@ -147,11 +147,16 @@ async def prepare_outbox(schema: str, table: str, box_path: Path) -> dict[str, A
                 await box.ack([x.seq for x in leased])
         finally:
             await source.aclose()
+    return measure_outbox(box_path)
+
+
+def measure_outbox(box_path: Path) -> dict[str, Any]:
+    """Keys, the key set's bytes (SQLite's dbstat, where compiled in), the file's bytes."""
     con = sqlite3.connect(box_path)
     try:
         con.execute("VACUUM")
         keys = con.execute("SELECT count(*) FROM source_keys").fetchone()[0]
-        try:  # the key set's own pages (SQLite's dbstat, where compiled in)
+        try:
             size = con.execute(
                 "SELECT sum(pgsize) FROM dbstat WHERE name = 'source_keys'"
             ).fetchone()[0]
