@@ -26,7 +26,7 @@ from agent.config import Settings
 from agent.errors import AgentError, ConfigError
 from agent.outbox import Quarantined
 from agent.records import Record
-from agent.sources.base import SourceConfig, SourceContext, Tapped, TapRequest
+from agent.sources.base import SourceConfig, SourceContext, Tap, Tapped, TapRequest
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
@@ -35,7 +35,7 @@ EXIT_USAGE = 2
 PAYLOAD_SHOWN = 200  # bytes of a bad input's payload in the table view
 
 
-def plan(settings: Settings, name: str) -> tuple[SourceConfig, Any]:
+def plan(settings: Settings, name: str) -> tuple[SourceConfig, Tap[Any]]:
     """The source's config and its tap ability; ConfigError naming what is wrong."""
     configured: dict[str, SourceConfig] = settings.sources
     conf = configured.get(name)

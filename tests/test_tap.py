@@ -9,6 +9,7 @@ queued messages still reach the service afterwards; a running service is not kic
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 from collections.abc import AsyncIterator
@@ -442,3 +443,21 @@ def test_a_disabled_source_can_be_tapped_before_it_is_enabled(
     conf = write_config(tmp_path / "agent.toml", base_config(tmp_path, sources={"cmms": source}))
     assert main(["--config", str(conf), "tap", "cmms", "--json"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+def test_a_source_type_without_tap_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every registered type declares tap today: one that did not is made from the real
+    # record (the registry is the only thing replaced; no peer is involved).
+    real = tap_cli.source_plugins.source_plugin
+
+    def without_tap(kind: str) -> Any:
+        plugin = real(kind)
+        return dataclasses.replace(plugin, tap=None) if kind == "sql" else plugin
+
+    monkeypatch.setattr(tap_cli.source_plugins, "source_plugin", without_tap)
+    conf, _ = sqlite_agent(tmp_path, tmp_path / "cmms.db", rows=1)
+    assert main(["--config", str(conf), "tap", "cmms"]) == 2
+    err = capsys.readouterr().err
+    assert "sources.cmms.type: 'sql' sources have no tap (types with one: modbus, mqtt)" in err
