@@ -1,5 +1,5 @@
 """Test peers for the Modbus source: pymodbus's own server, a mute-unit proxy, a faulty
-gateway, an output.
+gateway.
 
 The mute proxy sits between the client and a pymodbus server and forwards Modbus TCP
 frames, except those addressed to a muted unit id, which it swallows without answering:
@@ -23,9 +23,6 @@ from typing import Any
 from pymodbus import FramerType
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
-
-from agent.outbox import AppendResult, Cursor, Quarantined
-from agent.records import Record
 
 
 def sim_device(
@@ -289,40 +286,6 @@ class FaultyGateway:
         elif fault == "short" and not body[0] & 0x80 and body[1] >= 2:
             body = bytes([body[0], body[1] - 2]) + body[2:-2]
         return mbap(a_tid, a_unit, body)
-
-
-class MemoryOutput:
-    """The source Output contract, in memory: what the source appended, in order."""
-
-    def __init__(self) -> None:
-        self.records: list[Record] = []
-        self.quarantined: list[Quarantined] = []
-        self.changed = asyncio.Event()
-
-    async def append(
-        self,
-        records: Sequence[Record],
-        cursor: Cursor | None = None,
-        *,
-        dedupe: bool = False,
-        quarantine: Sequence[Quarantined] = (),
-    ) -> AppendResult:
-        self.records += records
-        self.quarantined += quarantine
-        self.changed.set()
-        return AppendResult(stored=len(records))
-
-    async def cursor(self, source: str, key: str) -> Any | None:
-        return None
-
-    def readings(self, point: str) -> list[Record]:
-        return [r for r in self.records if r.remote_id == point]
-
-    def latest(self) -> dict[str, Any]:
-        """Latest value per point id of meter readings."""
-        return {
-            r.remote_id: r.data["value"] for r in self.records if r.entity_type == "meter_reading"
-        }
 
 
 @contextlib.asynccontextmanager

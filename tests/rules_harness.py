@@ -30,11 +30,12 @@ import orjson
 from pydantic import TypeAdapter
 
 from agent.errors import OutboxWriteError
-from agent.outbox import AppendResult, Outbox
+from agent.outbox import Outbox
 from agent.pipeline import Pipeline
 from agent.records import EntityType, Record, SourceRef
 from agent.rules.config import RuleConfig
 from agent.rules.engine import RuleEngine
+from tests.helpers.outputs import TestOutput
 from tests.outbox_helpers import pin_epoch
 
 RULES = TypeAdapter(list[RuleConfig])
@@ -44,23 +45,6 @@ EPOCH = "7d0c3b1e-5f4a-4e2b-9c8d-1a2b3c4d5e6f"
 
 def _t(text: str) -> datetime:
     return datetime.fromisoformat(text)
-
-
-class FlakyOutbox:
-    """The real outbox, with a switch that makes the next append fail like a full disk."""
-
-    def __init__(self, box: Outbox) -> None:
-        self.box = box
-        self.fail_next = False
-
-    async def append(self, records: Any, cursor: Any = None, **kw: Any) -> AppendResult:
-        if self.fail_next:
-            self.fail_next = False
-            raise OutboxWriteError("simulated: disk full")
-        return await self.box.append(records, cursor, **kw)
-
-    async def cursor(self, source: str, key: str) -> Any:
-        return await self.box.cursor(source, key)
 
 
 def compact(env: dict[str, Any]) -> dict[str, Any]:
@@ -103,7 +87,7 @@ class Case:
         # A fixed epoch: the stored ids of entity versions (requests) are chained from it.
         pin_epoch(workdir / "outbox.db", EPOCH)
         self.box = Outbox(workdir / "outbox.db")
-        self.flaky = FlakyOutbox(self.box)
+        self.flaky = TestOutput(self.box)
         self.out: Pipeline | None = None
         self.seen = 0
         self.lines: list[dict[str, Any]] = []
@@ -140,7 +124,7 @@ class Case:
             await self.start()
             return
         if line.get("fail_next_commit"):
-            self.flaky.fail_next = True
+            self.flaky.fail()  # the next append: disk full
             return
         if line.get("deliver"):
             await self.deliver()

@@ -32,10 +32,10 @@ from agent.sources.base import SourceContext
 from agent.sources.modbus import ModbusConfig, ModbusSource
 from agent.sources.modbus.config import ConnectionConfig
 from agent.sources.modbus.line import Hooks, Undecodable, make_client
+from tests.helpers.outputs import TestOutput
 from tests.helpers.waiting import free_port, wait_for
 from tests.modbus_sim import (
     FaultyGateway,
-    MemoryOutput,
     MuteProxy,
     running,
     sim_device,
@@ -78,14 +78,14 @@ def line_config(port: int) -> ModbusConfig:
     )
 
 
-async def run_line(seconds: float) -> tuple[ModbusSource, FaultyGateway, MemoryOutput]:
+async def run_line(seconds: float) -> tuple[ModbusSource, FaultyGateway, TestOutput]:
     server_port, gw_port = free_port(), free_port()
     sims = [sim_device(u, holding={0: [u * 10, u * 10 + 1]}) for u in [*GOOD, *BAD]]
     server = await start_server(sims, server_port)
     gateway = FaultyGateway(server_port, BAD, late_by=TIMEOUT * 2.5)
     await gateway.start(gw_port)
     source = ModbusSource("line", line_config(gw_port), CTX)
-    out = MemoryOutput()
+    out = TestOutput()
     try:
         async with running(source, out):
             for _ in range(TRANSPORT_FAULTS):
@@ -159,14 +159,14 @@ def pair_config(port: int, *, timeout: float = 0.3, **both: Any) -> ModbusConfig
 @contextlib.asynccontextmanager
 async def pair(
     faults: dict[int, str], config: Any = pair_config
-) -> AsyncIterator[tuple[ModbusSource, FaultyGateway, MemoryOutput]]:
+) -> AsyncIterator[tuple[ModbusSource, FaultyGateway, TestOutput]]:
     """Units 1 and 9 behind a faulty gateway, the source running against it."""
     server_port, gw_port = free_port(), free_port()
     server = await start_server([sim_device(u, holding={0: [u, u]}) for u in (1, 9)], server_port)
     gateway = FaultyGateway(server_port, faults, late_by=0.75)
     await gateway.start(gw_port)
     source = ModbusSource("pair", config(gw_port), CTX)
-    out = MemoryOutput()
+    out = TestOutput()
     try:
         async with running(source, out):
             await wait_for(lambda: source.workers, what="the source started")
@@ -311,7 +311,7 @@ async def test_rtu_over_tcp_a_silent_unit_is_demoted_and_the_line_resyncs() -> N
         "devices": {"good": common | {"unit_id": 1}, "ghost": common | {"unit_id": 5}},
     })  # fmt: skip
     source = ModbusSource("rtu", config, CTX)
-    out = MemoryOutput()
+    out = TestOutput()
     try:
         async with running(source, out):
             good, ghost = source.devices["good"], source.devices["ghost"]

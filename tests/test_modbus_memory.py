@@ -19,10 +19,11 @@ import pytest
 
 from agent.sources.base import SourceContext
 from agent.sources.modbus import ModbusConfig, ModbusSource
+from tests.helpers.outputs import TestOutput
 from tests.helpers.rss import MIB, RssPeak
 from tests.helpers.tcppeer import TcpPeer
 from tests.helpers.waiting import wait_for
-from tests.modbus_sim import MemoryOutput, running
+from tests.modbus_sim import running
 
 CTX = SourceContext(agent_id="test-agent", site="plant-1")
 SENT = 32 * MIB
@@ -87,7 +88,7 @@ async def test_a_flooding_device_costs_the_agent_a_bounded_amount_of_memory(
     flood = Flood(chunk)
     port = await flood.start()
     source = ModbusSource("line", _config(port), CTX)
-    out = MemoryOutput()
+    out = TestOutput()
     try:
         with RssPeak() as rss:
             async with running(source, out) as task:

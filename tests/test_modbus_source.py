@@ -18,8 +18,9 @@ from agent.sources.modbus.config import ConnectionConfig
 from agent.sources.modbus.line import Hooks, make_client
 from agent.sources.modbus.poller import ConnectionWorker
 from tests.helpers.cancel import assert_stops_after_swallowed_cancel, swallowing
+from tests.helpers.outputs import TestOutput
 from tests.helpers.waiting import free_port, wait_for
-from tests.modbus_sim import MemoryOutput, MuteProxy, running, sim_device, start_server
+from tests.modbus_sim import MuteProxy, running, sim_device, start_server
 
 CTX = SourceContext(agent_id="test-agent", site="plant-1")
 
@@ -94,7 +95,7 @@ async def test_every_type_and_order_over_tcp_rtu_over_tcp_and_serial_url() -> No
         f"m_{c}": {"connection": c, "unit_id": 1, "interval": "1h", "points": points} for c in conns
     }
     source = ModbusSource("meters", make_config(conns, devices), CTX)
-    out = MemoryOutput()
+    out = TestOutput()
     try:
         async with running(source, out):
             await wait_for(lambda: len(out.latest()) == 3 * len(points))
@@ -149,7 +150,7 @@ async def test_illegal_address_falls_back_to_split_reads_and_remembers() -> None
         {"d": {"connection": "c", "interval": "20ms", "points": points}},
     )
     source = ModbusSource("m", conf, CTX)
-    out = MemoryOutput()
+    out = TestOutput()
     try:
         async with running(source, out):
             await wait_for(lambda: source.devices["d"].polls >= 4)
@@ -196,7 +197,7 @@ async def test_a_cancellation_swallowed_inside_a_read_still_stops_the_worker() -
         {"d": {"connection": "c", "interval": "1h", "points": [{"name": "v", "address": 0}]}},
     )
     source = ModbusSource("m", conf, CTX)
-    source._out = MemoryOutput()
+    source._out = TestOutput()
     worker = ConnectionWorker(
         "c", conf.connections["c"], list(source.devices.values()),
         sink=source._emit, on_state=source._device_state, client_factory=SwallowingClient,
@@ -231,7 +232,7 @@ async def test_mute_unit_does_not_stall_a_healthy_unit_on_the_same_connection() 
         },
     )  # fmt: skip
     source = ModbusSource("m", conf, CTX)
-    out = MemoryOutput()
+    out = TestOutput()
     healthy, mute = source.devices["healthy"], source.devices["mute"]
     try:
         async with running(source, out):
@@ -272,7 +273,7 @@ async def test_reconnects_after_a_server_restart() -> None:
         {"d": {"connection": "c", "interval": "30ms", "points": [{"name": "v", "address": 0}]}},
     )  # fmt: skip
     source = ModbusSource("m", conf, CTX)
-    out = MemoryOutput()
+    out = TestOutput()
     try:
         async with running(source, out):
             await wait_for(lambda: out.latest().get("d.v") == 100)
@@ -344,7 +345,7 @@ async def test_overruns_skip_slots_and_are_counted_never_stacked() -> None:
     source = ModbusSource("m", conf, CTX)
     dev = source.devices["d"]
     try:
-        async with running(source, MemoryOutput()):
+        async with running(source, TestOutput()):
             await wait_for(lambda: dev.polls >= 3)
             polls, overruns = dev.polls, dev.overruns
     finally:

@@ -40,7 +40,7 @@ from agent.sources.modbus import ModbusConfig, ModbusSource
 from agent.sources.modbus.poller import Poll
 from agent.sources.mqtt import MqttConfig, sparkplug
 from agent.sources.mqtt.mapping import Mapper
-from tests.modbus_sim import MemoryOutput
+from tests.helpers.outputs import TestOutput
 
 REF = SourceRef("plant", "mqtt", "s1")
 T0 = datetime(2026, 11, 22, 9, 0, tzinfo=UTC)
@@ -292,7 +292,7 @@ POLL_TIMES = st.sampled_from([T0, T0 + timedelta(microseconds=1), T0 + timedelta
 def modbus_records(polls: Sequence[tuple[datetime, int, int]]) -> list[Record]:
     """What a fresh Modbus source makes of these polls (time, temp register, fault code)."""
     source = ModbusSource("m", MODBUS, SourceContext("gw", "s1"))
-    out = MemoryOutput()
+    out = TestOutput()
     source._out = out
     device = source.devices["lift"]
     (request,) = device.requests

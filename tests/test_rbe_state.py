@@ -18,8 +18,7 @@ from typing import Any
 import orjson
 import pytest
 
-from agent.errors import OutboxWriteError
-from agent.outbox import AppendResult, Outbox
+from agent.outbox import Outbox
 from agent.rbe import RbeFilter, RbeUndo, ReportByException
 from agent.sources.base import SourceContext
 from agent.sources.modbus import ModbusConfig, ModbusSource
@@ -27,11 +26,11 @@ from agent.sources.mqtt import MqttConfig
 from agent.sources.mqtt import mapping as mqtt_mapping
 from tests.helpers.mosquitto import Mosquitto
 from tests.helpers.mqttpub import Publisher
+from tests.helpers.outputs import TestOutput
 from tests.helpers.waiting import free_port, wait_for
 from tests.modbus_sim import running as running_modbus
 from tests.modbus_sim import sim_device, start_server
 from tests.mqtt_support import outbox, quarantine, records, running, until
-from tests.rules_harness import FlakyOutbox
 
 DEADBAND = {"deadband": 1.0}
 
@@ -139,12 +138,12 @@ async def test_a_failed_commit_rolls_back_only_that_batch(
     """The outbox refuses a batch (disk full): the broker redelivers it and its points
     report again; the points of earlier, stored batches keep their state."""
     async with outbox(tmp_path) as box:
-        flaky = FlakyOutbox(box)
+        flaky = TestOutput(box)
         async with running(config(mosquitto.port), flaky) as src:  # type: ignore[arg-type]
             with Publisher(mosquitto.port) as pub:
                 feed = Feed(pub, src)
                 await feed.send("rbe/w", {"w": 5})
-                flaky.fail_next = True
+                flaky.fail()  # the next append: disk full
                 await feed.send("rbe/v", {"v": 10, "code": 1})  # refused, then redelivered
                 await feed.send("rbe/w", {"w": 5})  # suppressed: w=5 is stored
                 await feed.send("rbe/v", {"v": 10, "code": 1})  # suppressed: stored now
@@ -179,23 +178,6 @@ def modbus_config(port: int) -> ModbusConfig:
     )
 
 
-class FailReadingsOnce:
-    """The real outbox; its first append holding a reading fails like a full disk (device
-    state records pass: they are not what RBE is about)."""
-
-    def __init__(self, box: Outbox) -> None:
-        self.box, self.failed = box, False
-
-    async def append(self, records: Any, cursor: Any = None, **kw: Any) -> AppendResult:
-        if not self.failed and any(r.entity_type == "meter_reading" for r in records):
-            self.failed = True
-            raise OutboxWriteError("simulated: disk full")
-        return await self.box.append(records, cursor, **kw)
-
-    async def cursor(self, source: str, key: str) -> Any:
-        return await self.box.cursor(source, key)
-
-
 async def test_modbus_failed_append_reports_its_points_again(tmp_path: Path) -> None:
     """A poll whose append failed taught RBE nothing: after the source restarts (the
     supervisor runs the same source object again) the unchanged value is reported, where
@@ -207,7 +189,8 @@ async def test_modbus_failed_append_reports_its_points_again(tmp_path: Path) -> 
     source = ModbusSource("m", modbus_config(port), SourceContext("gw", "s1"))
     try:
         async with Outbox(tmp_path / "outbox.db") as box:
-            flaky = FailReadingsOnce(box)
+            flaky = TestOutput(box)  # its first append holding a reading fails (disk full)
+            flaky.fail(when=lambda records: any(r.entity_type == "meter_reading" for r in records))
             first = asyncio.create_task(source.run(flaky))
             with pytest.raises(ExceptionGroup) as failed:
                 await first

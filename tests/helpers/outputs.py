@@ -131,6 +131,7 @@ class TestOutput:
             async def commit() -> AppendResult:
                 return await self._commit(records, cursor, dedupe, quarantine)
 
+            result: AppendResult
             if self.swallow_cancel:
                 result = await swallowing(commit, self.started)
             else:

@@ -40,8 +40,9 @@ from agent.sources.mqtt.mapping import Mapper
 from agent.sources.sql import SqlSource, SqlSourceConfig
 from tests.helpers.mosquitto import Mosquitto
 from tests.helpers.mqttpub import Publisher
+from tests.helpers.outputs import TestOutput
 from tests.helpers.waiting import free_port
-from tests.modbus_sim import MemoryOutput, MuteProxy, running, sim_device, start_server
+from tests.modbus_sim import MuteProxy, running, sim_device, start_server
 from tests.reliability.support import (
     T0,
     Agent,
@@ -230,7 +231,7 @@ async def test_modbus_exceptions_timeouts_and_bad_values() -> None:
     )
     proxy = MuteProxy(good_port, mute={2})
     await proxy.start(proxy_port)
-    out = MemoryOutput()
+    out = TestOutput()
     try:
         async with ExceptionServer() as bad:
             source = ModbusSource("m", modbus_config(good_port, proxy_port, bad.port),

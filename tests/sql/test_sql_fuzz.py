@@ -32,10 +32,10 @@ from agent.forwarder import Forwarder
 from agent.outbox import Outbox
 from agent.receiver import Receiver, running_receiver
 from agent.sources.sql import SqlSource
+from tests.helpers.outputs import PowerCut, TestOutput
 from tests.helpers.waiting import wait_for
 from tests.sql import fuzz
 from tests.sql.conftest import Backend, make_source, sql_config
-from tests.sql.crash import CrashingOutput, PowerCut
 from tests.sql.sapdb import SapDb
 from tests.upstream_support import TOKEN, make_settings
 
@@ -153,11 +153,13 @@ class Run:
 
     async def killed(self, source: SqlSource, box: Outbox, work: Any) -> SqlSource:
         """Run ``work`` until the process 'dies' at a random append, then a new process."""
-        out = CrashingOutput(box, at=self.rng.randrange(1, 8), after_commit=self.rng.random() < 0.5)
+        at, after_commit = self.rng.randrange(1, 8), self.rng.random() < 0.5
+        out = TestOutput(box)
+        out.fail(PowerCut(), at=at, after_commit=after_commit)
         try:
             await work(source, out)
         except PowerCut:
-            self.log.append(f"   killed at append {out.at} (after commit: {out.after_commit})")
+            self.log.append(f"   killed at append {at} (after commit: {after_commit})")
         await source.aclose()
         source = self.source()
         await source.prepare(box)

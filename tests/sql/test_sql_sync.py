@@ -16,9 +16,9 @@ from sqlalchemy import delete, select, update
 from agent.outbox import Outbox
 from agent.sources.sql import SqlSource
 from agent.sources.sql.sync import SyncState
+from tests.helpers.outputs import PowerCut, TestOutput
 from tests.helpers.waiting import wait_for
 from tests.sql.conftest import Backend, latest, make_source, outbox_records, sql_config
-from tests.sql.crash import CrashingOutput, PowerCut
 from tests.sql.sapdb import SapDb
 
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -38,8 +38,10 @@ async def test_restart_mid_initial_sync_resumes_without_gaps(
     config = sql_config(backend, include=["work_orders"], chunk_size=3)
     first = make_source(config)
     try:
+        crashing = TestOutput(outbox)
+        crashing.fail(PowerCut(), at=3, after_commit=after_commit)
         with pytest.raises(PowerCut):
-            await first.sync_once(CrashingOutput(outbox, at=3, after_commit=after_commit))
+            await first.sync_once(crashing)
     finally:
         await first.aclose()
     partial = {r["remote_id"] for r in outbox_records(outbox)}
