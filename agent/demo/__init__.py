@@ -285,7 +285,7 @@ class Demo:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             status = await self._agent_status()
-            if status and status["sources"].get("iot-mqtt", {}).get("state") == "connected":
+            if status and status["sources"].get("iot-mqtt", {}).get("state") == "ok":  # subscribed
                 return
             if self.procs.died():
                 break
