@@ -13,6 +13,7 @@ Python's package machinery, not an edge a module wrote, so parents are not edges
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,49 @@ def test_graph_knows_the_agent_modules() -> None:
     graph = import_graph()
     assert "agent.sources.sql.sync" in graph["agent.sources.sql.source"]
     assert "agent.profiles" in graph
+
+
+MQTT_ADAPTER = ROOT / "sources" / "mqtt" / "client.py"
+
+
+def _private_accesses(tree: ast.AST) -> list[tuple[int, str]]:
+    """``x._name`` (not a dunder) on anything but ``self``/``cls``: another object's
+    private attribute."""
+    return [
+        (node.lineno, node.attr)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
+        and not (isinstance(node.value, ast.Name) and node.value.id in {"self", "cls"})
+    ]
+
+
+def test_paho_and_aiomqtt_internals_only_in_the_mqtt_adapter() -> None:
+    """Outside agent/sources/mqtt/client.py, no module that uses aiomqtt or paho reads a
+    private attribute of another object; inside it, every private name it reads is one
+    its docstring gives the reason for."""
+    stray = []
+    for path in sorted(ROOT.rglob("*.py")):
+        if path == MQTT_ADAPTER:
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        libs = {
+            alias.name.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import | ast.ImportFrom)
+            for alias in (
+                node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")]
+            )
+        }
+        if libs & {"aiomqtt", "paho"}:
+            stray += [
+                f"{path.relative_to(ROOT)}:{line} .{name}" for line, name in _private_accesses(tree)
+            ]
+    assert stray == []
+    tree = ast.parse(MQTT_ADAPTER.read_text())
+    reasons = ast.get_docstring(tree) or ""
+    accessed = {name for _, name in _private_accesses(tree)}
+    assert accessed, "the adapter reads no internals any more: update this test"
+    unexplained = [n for n in accessed if not re.search(rf"\b{n}\b", reasons)]
+    assert sorted(unexplained) == []

@@ -23,7 +23,8 @@ needed, and nothing outside this module touches a private attribute of either li
    (``_keepalive = 0``, ``_ping_t = 0``; the public ``keepalive`` setter refuses a
    connected client), the adapter sends PINGREQs itself (``_send_simple_command``; paho's
    ``_send_pingreq`` would arm the PINGRESP timer that cannot be met) so the broker keeps
-   the connection, and on resume paho's clock restarts (``_last_bytes_received``).
+   the connection, and on resume paho's clock restarts (``_last_bytes_received``, under
+   ``_msgtime_mutex``, the lock paho's own writers of that clock hold).
 
 Reconnecting instead of pausing was tried first and livelocked: on every reconnect the
 broker re-sent its whole in-flight window, over the bound again at once (docs/mqtt.md).
@@ -174,7 +175,8 @@ class Connection:
             self._pinger = self._loop.create_task(self._ping(self._saved_keepalive))
 
     def _restart_keepalive_check(self) -> None:
-        # (3) the broker's silence while we did not read says nothing about it
+        # (3) the broker's silence while we did not read says nothing about it; paho's
+        # network thread (none here, but paho's own writers) take this lock for the clock
         with self._paho._msgtime_mutex:
             self._paho._last_bytes_received = paho.time_func()
         self._paho._ping_t = 0

@@ -63,10 +63,10 @@ log = structlog.get_logger("agent.sources.mqtt")
 # Never set it in production: the broker would redeliver everything at every reconnect.
 TEST_HOLD_ACKS_ENV = "EDGE_AGENT_TEST_MQTT_HOLD_ACKS"
 
-SESSION_TAKEN_OVER = 142
+SESSION_TAKEN_OVER = 142  # MQTT 5 DISCONNECT reason code 0x8E
 # Messages mapped between two yields to the event loop (see MqttSource._map_batch).
 MAP_SLICE = 250
-_PAHO_LOGGER = "mqtt"  # aiomqtt's default logger for paho  # MQTT 5 DISCONNECT reason code 0x8E
+_PAHO_LOGGER = "mqtt"  # aiomqtt's default logger for paho
 
 
 def _reason_code(exc: BaseException) -> int | None:
