@@ -131,6 +131,7 @@ class AgentCollector(Collector):
                 _, source, reason = key.split(":", 2)
                 c.add_metric([source, reason], n)
         yield c
+        yield from self._disk(box.get("disk"))
         c = CounterMetricFamily(
             "edge_agent_outbox_write_errors",
             "Failed outbox commits",
@@ -144,6 +145,27 @@ class AgentCollector(Collector):
         yield from self._states(self.components)
         yield GaugeMetricFamily(
             "edge_agent_uptime_seconds", "Seconds since start", value=s.get("uptime_seconds", 0)
+        )
+
+    @staticmethod
+    def _disk(disk: dict[str, Any] | None) -> Iterator[Metric]:
+        # No families at all with the reserve off: a 0 would read as "no space left".
+        if disk is None:
+            return
+        yield GaugeMetricFamily(
+            "edge_agent_outbox_disk_free_bytes",
+            "Free bytes on the outbox's filesystem",
+            value=disk["free_bytes"],
+        )
+        yield GaugeMetricFamily(
+            "edge_agent_outbox_disk_reserve_bytes",
+            "Free disk space kept for deletes and checkpoints (outbox.disk_reserve)",
+            value=disk["reserve_bytes"],
+        )
+        yield GaugeMetricFamily(
+            "edge_agent_outbox_disk_low",
+            "1 while the disk is below the reserve (appends wait)",
+            value=1 if disk["low"] else 0,
         )
 
     @staticmethod

@@ -23,8 +23,8 @@ state          readiness
 ``retrying``   NOT ready: the component moves no data now and retries (broker or
                upstream unreachable, a device probed after failed polls, a source none
                of whose devices answers or entities syncs).
-``blocked``    NOT ready: working, but held back (the outbox over its byte budget
-               pauses every source).
+``blocked``    NOT ready: working, but held back (the outbox over its byte budget,
+               or its disk below ``outbox.disk_reserve``, pauses every source).
 ``reauthorization_required``  NOT ready: credentials refused; a person must act.
 ``failed``     NOT ready: crashed and waiting for its restart, or crash-looping
                (:class:`RestartLog`: ``N`` restarts within ``M`` minutes, however
@@ -212,18 +212,23 @@ class Readiness:
         return {"ready": self.ready, "reasons": self.reasons, "warnings": self.warnings}
 
 
+DISK_LOW = "disk_low"
+"""The detail of an outbox ``blocked`` because its disk is below the reserve."""
+
 # The outbox says its not-ready reasons in its own words (they were so before health
-# was typed, and alerts and runbooks quote them).
+# was typed, and alerts and runbooks quote them), by state and detail.
 _OUTBOX_TEXT = {
-    State.FAILED: "outbox write failed: {reason}",
-    State.BLOCKED: "outbox is over its byte budget: {reason}",
+    (State.FAILED, None): "outbox write failed: {reason}",
+    (State.BLOCKED, None): "outbox is over its byte budget: {reason}",
+    (State.BLOCKED, DISK_LOW): "outbox: {reason}",
 }
 
 
 def _not_ready(c: Component) -> str:
     h = c.health
-    if c.kind is Kind.OUTBOX and h.state in _OUTBOX_TEXT:
-        return _OUTBOX_TEXT[h.state].format(reason=h.reason or "-")
+    text = _OUTBOX_TEXT.get((h.state, h.detail)) if c.kind is Kind.OUTBOX else None
+    if text is not None:
+        return text.format(reason=h.reason or "-")
     return f"{c.label} is {h.word}: {h.reason or '-'}"
 
 

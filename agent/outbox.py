@@ -52,7 +52,8 @@ from agent import outbox_keys
 from agent import records as records_module
 from agent.configtypes import ByteSize, PositiveDuration, Section
 from agent.errors import OutboxWriteError
-from agent.health import Component, Kind, State, Tracker
+from agent.health import DISK_LOW, Component, Kind, State, Tracker
+from agent.outbox_disk import DiskReserve, DiskState, DiskWatch, parse_reserve
 from agent.records import (
     EntityType,
     Record,
@@ -200,6 +201,11 @@ class OutboxConfig(Section):
     """Check at start-up; a corrupt database is moved aside and a fresh one started."""
     quarantine_max_rows: int = Field(default=10_000, ge=0)
     """Bad inputs kept for inspection; the oldest are evicted beyond this (counted)."""
+    disk_reserve: DiskReserve = "auto"
+    """Free disk space kept for deletes, checkpoints and the WAL: while less is free on
+    the outbox's filesystem, appends wait (sources pause) and resume by themselves when
+    space returns. ``"auto"``: 1% of the filesystem, at least 16MiB, at most a quarter
+    of it; or a size (``"64MiB"``), a share (``"5%"``), or ``0`` (off)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +305,10 @@ class OutboxStats:
     """This outbox file's epoch (made with the file; a fresh file gets a new one)."""
     write_failing: bool = False
     """The latest commit failed (disk full, I/O error); cleared by the next good one."""
+    disk: DiskState | None = None
+    """Free space on the outbox's filesystem and the reserve (None: reserve off)."""
+    disk_blocked_appends: int = 0
+    """Appends waiting because the disk is below the reserve."""
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready view."""
@@ -324,6 +334,9 @@ class OutboxStats:
             "write_failing": self.write_failing,
             "recovered_from": self.recovered_from,
             "epoch": self.epoch,
+            "disk": None
+            if self.disk is None
+            else {**self.disk.as_dict(), "blocked_appends": self.disk_blocked_appends},
         }
 
 
@@ -434,6 +447,8 @@ class Outbox:
         integrity_check: Literal["quick", "full", "off"] = "quick",
         quarantine_max_rows: int = 10_000,
         max_group_rows: int = 500,
+        disk_reserve: str | int = "auto",
+        disk_check_interval: float = 0.5,
     ) -> None:
         self.path = Path(path)
         self.max_bytes = max_bytes
@@ -442,6 +457,12 @@ class Outbox:
         self.integrity_check = integrity_check
         self.quarantine_max_rows = quarantine_max_rows
         self.max_group_rows = max_group_rows
+        self.disk_reserve = parse_reserve(disk_reserve)
+        self.disk_check_interval = disk_check_interval
+        self._disk: DiskWatch | None = None
+        self._disk_blocked = 0
+        self._disk_task: asyncio.Task[None] | None = None
+        self._wal_limit = 0
         # Writes: one stdlib connection on one dedicated thread, a whole transaction per
         # hop. (aiosqlite costs an event-loop round trip per statement; at group-commit
         # rates that halved throughput.) Reads: aiosqlite, a second connection.
@@ -482,6 +503,7 @@ class Outbox:
             readings_max_age=config.readings_max_age,
             integrity_check=config.integrity_check,
             quarantine_max_rows=config.quarantine_max_rows,
+            disk_reserve=config.disk_reserve,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -490,19 +512,48 @@ class Outbox:
         """Open (creating if needed), check integrity, and start the writer."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(self._prepare_file)
+        watch = DiskWatch(self.path.parent, self.disk_reserve)
+        self._disk = watch if watch.state.reserve_bytes > 0 else None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="outbox-writer")
         loop = asyncio.get_running_loop()
         self._wcon = await loop.run_in_executor(self._executor, self._connect_writer)
         self._r = await self._connect()
         await self._refresh_totals()
         self._writer = asyncio.create_task(self._write_loop(), name="outbox-writer")
+        if self._disk is not None:
+            self._disk_task = asyncio.create_task(self._watch_disk(), name="outbox-disk")
         self._data.set()
 
     def _connect_writer(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.path, isolation_level=None)
         for pragma in _PRAGMAS:
             con.execute(pragma)
+        # Debian's SQLite overwrites deleted content (SQLITE_SECURE_DELETE): an ack then
+        # writes every page of the records it deletes to the WAL again, 445 KB for 200
+        # records of 2 KB against 33 KB without. On a nearly full disk that decides
+        # whether an ack fits; the freed pages hold delivered records of a file that
+        # holds the undelivered ones anyway (mode 0600 in the state directory).
+        con.execute("PRAGMA secure_delete=OFF")
+        if self._disk is not None:
+            # The WAL must fit the reserve: checkpoint it (SQLite's default: every 1000
+            # pages, 4 MiB) and trim it back after a checkpoint at a quarter of the
+            # reserve, so a disk of a few MiB never holds a WAL that can no longer be
+            # copied into the database file. At the default reserve (16 MiB or more)
+            # this is SQLite's default cadence.
+            page = int(con.execute("PRAGMA page_size").fetchone()[0])
+            pages = max(16, min(1000, self._disk.state.reserve_bytes // 4 // page))
+            self._wal_limit = pages * page
+            con.execute(f"PRAGMA wal_autocheckpoint={pages}")
+            con.execute(f"PRAGMA journal_size_limit={self._wal_limit}")
+            self._disk.reusable = self._free_pages(con)
+            self._disk.sample()
         return con
+
+    @staticmethod
+    def _free_pages(con: sqlite3.Connection) -> int:
+        """Bytes of free pages inside the file (new records reuse them)."""
+        count = int(con.execute("PRAGMA freelist_count").fetchone()[0])
+        return count * int(con.execute("PRAGMA page_size").fetchone()[0])
 
     async def _connect(self) -> aiosqlite.Connection:
         db = await aiosqlite.connect(self.path, isolation_level=None)
@@ -599,6 +650,11 @@ class Outbox:
 
     async def close(self) -> None:
         """Stop the writer once everything queued is committed, then close."""
+        if self._disk_task is not None:
+            self._disk_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._disk_task
+            self._disk_task = None
         if self._writer is not None:
             await self._queue.join()
             self._writer.cancel()
@@ -685,15 +741,18 @@ class Outbox:
         await self.append((), quarantine=entries)
 
     async def _admit(self, size: int) -> None:
-        """Wait until ``size`` more bytes (that cannot be dropped) fit the budget."""
-        blocked = False
+        """Wait until ``size`` more bytes (that cannot be dropped) fit the budget, and
+        the disk has room for them above its reserve (agent.outbox_disk)."""
+        blocked = disk_blocked = False
         try:
             while True:
                 used = sum(self._bytes.values()) + self._reserved
                 droppable = self._bytes["reading"] if self.when_full == "drop_oldest" else 0
-                if size == 0 or used - droppable + size <= self.max_bytes or used == 0:
+                fits = size == 0 or used - droppable + size <= self.max_bytes or used == 0
+                room = self._disk_room(size)
+                if fits and room:
                     return
-                if not blocked:
+                if not fits and not blocked:
                     blocked = True
                     self._blocked += 1
                     self._judge()
@@ -703,15 +762,93 @@ class Outbox:
                         max_bytes=self.max_bytes,
                         waiting_bytes=size,
                     )
+                if not room and not disk_blocked:
+                    disk_blocked = True
+                    self._disk_blocked += 1
                 self._space.clear()
                 await self._space.wait()
         finally:
             if blocked:
                 self._blocked -= 1
                 self._judge()
+            if disk_blocked:
+                self._disk_blocked -= 1
+
+    def _disk_room(self, size: int) -> bool:
+        """Whether the disk has room for ``size`` more bytes above its reserve, by a
+        fresh look (one statvfs: something else may be filling the disk)."""
+        watch = self._disk
+        if watch is None:
+            return True
+        self._sample_disk()
+        return watch.admits(size, self._reserved)
 
     def _freed(self) -> None:
+        self._sample_disk()
         self._space.set()
+
+    def _sample_disk(self) -> DiskState | None:
+        """Look at the disk (one statvfs); log when it turns low or fine again."""
+        if self._disk is None:
+            return None
+        was = self._disk.state.low
+        try:
+            state = self._disk.sample()
+        except OSError as exc:  # the directory went away: say so, keep the last view
+            log.warning("outbox_disk_check_failed", error=str(exc))
+            return self._disk.state
+        if state.low and not was:
+            log.warning(
+                "outbox_disk_low_backpressure",
+                free_bytes=state.free_bytes,
+                reusable_bytes=state.reusable_bytes,
+                reserve_bytes=state.reserve_bytes,
+                hint="appends wait (sources pause) until space returns",
+            )
+        elif was and not state.low:
+            log.info(
+                "outbox_disk_ok",
+                free_bytes=state.free_bytes,
+                reusable_bytes=state.reusable_bytes,
+                reserve_bytes=state.reserve_bytes,
+            )
+        return state
+
+    async def _watch_disk(self) -> None:
+        """Look at the disk every ``disk_check_interval``: wake waiting appends when space
+        returned (nobody else would: nothing commits while they wait), and while it is
+        low, checkpoint and count the pages deliveries freed inside the file."""
+        while True:
+            await asyncio.sleep(self.disk_check_interval)
+            state = self._sample_disk()
+            if state is None:
+                return
+            if state.low:
+                await self._relieve()
+                state = self._sample_disk()
+            if state is not None and not state.low:
+                self._space.set()
+
+    async def _relieve(self) -> None:
+        """On the writer thread: checkpoint the WAL into the file (truncating it when it
+        grew beyond its limit, which returns that space) and read the free page count."""
+        loop = asyncio.get_running_loop()
+        try:
+            freed = await loop.run_in_executor(self._executor, self._relieve_sync)
+        except sqlite3.Error as exc:  # the disk may be too full even for this: next time
+            log.warning("outbox_disk_checkpoint_failed", error=str(exc))
+            return
+        if self._disk is not None:
+            self._disk.reusable = freed
+
+    def _relieve_sync(self) -> int:
+        con = self._wcon
+        assert con is not None
+        wal = Path(str(self.path) + "-wal")
+        with contextlib.suppress(OSError):
+            if wal.stat().st_size > self._wal_limit:
+                con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        return self._free_pages(con)
 
     async def _write_loop(self) -> None:
         while True:
@@ -749,6 +886,8 @@ class Outbox:
                 for item in group:
                     self._reserved -= item.reserved
                     self._queue.task_done()
+                if self._disk is not None:
+                    self._disk.used(sum(item.reserved for item in group))
                 self._freed()
 
     # Everything below that takes a `_Tx` runs on the writer thread, inside one transaction.
@@ -784,16 +923,45 @@ class Outbox:
                 con.executemany(_ADD_TOTAL, [(r, b, c) for c, (r, b) in tx.delta.items()])
             con.execute("COMMIT")
         except BaseException:
+            # SQLite may have rolled back already (SQLITE_FULL and SQLITE_IOERR can do
+            # that at COMMIT): then ROLLBACK fails, harmlessly. The connection must come
+            # out of here with no transaction open, or every later BEGIN would fail.
             with contextlib.suppress(sqlite3.Error):
                 con.execute("ROLLBACK")
             self._scopes.clear()  # a scope made in this transaction is gone again
+            if con.in_transaction:
+                self._reopen_writer()
             raise
         return result, tx.delta
 
+    def _reopen_writer(self) -> None:
+        """Replace a writer connection stuck in a transaction (writer thread)."""
+        log.error("outbox_writer_reopened", reason="transaction could not be rolled back")
+        old = self._wcon
+        self._wcon = self._connect_writer()
+        if old is not None:
+            with contextlib.suppress(sqlite3.Error):
+                old.close()
+
     async def _write(self, fn: Any, *args: Any) -> Any:
-        """A transaction that frees space: wake appends waiting for budget afterwards."""
+        """A transaction that frees space: wake appends waiting for budget afterwards.
+
+        A failed commit (a disk full even for a delete) raises :class:`OutboxWriteError`
+        and counts like a failed append: the caller retries (the forwarder leases the
+        records again), nothing is left half done.
+        """
         try:
             return await self._transaction(fn, *args)
+        except sqlite3.Error as exc:
+            self._write_errors += 1
+            self._last_write_error = f"{type(exc).__name__}: {exc}"
+            self._write_failing = True
+            log.error("outbox_write_failed", error=self._last_write_error, op=fn.__name__)
+            raise OutboxWriteError(f"outbox commit failed: {exc}") from exc
+        else:
+            if self._write_failing:
+                self._write_failing = False
+                log.info("outbox_write_recovered", write_errors=self._write_errors)
         finally:
             self._freed()
 
@@ -1170,9 +1338,13 @@ class Outbox:
     # ------------------------------------------------------------------ inspection
 
     def _judge(self) -> None:
-        """Enter the state the write and budget figures say (since = when it changed)."""
+        """Enter the state the write, disk and budget figures say (since = when it
+        changed). A low disk goes before the budget: someone must free space."""
+        disk = None if self._disk is None else self._disk.state
         if self._write_failing:
             self._tracker.set(State.FAILED, self._last_write_error)
+        elif disk is not None and disk.low:
+            self._tracker.set(State.BLOCKED, disk.reason(), detail=DISK_LOW)
         elif self._blocked:
             self._tracker.set(State.BLOCKED, "sources are paused")
         else:
@@ -1180,7 +1352,8 @@ class Outbox:
 
     def health(self) -> Component:
         """The outbox as a component: ``failed`` while its latest commit failed (disk
-        full, I/O error), ``blocked`` while an append waits for byte budget (every
+        full, I/O error), ``blocked`` (detail ``disk_low``) while free disk space is
+        below the reserve, ``blocked`` while an append waits for byte budget (every
         source is paused), else ``ok``."""
         self._judge()
         return Component(Kind.OUTBOX, "", self._tracker.health)
@@ -1212,6 +1385,8 @@ class Outbox:
             recovered_from=self.recovered_from,
             epoch=self.epoch,
             write_failing=self._write_failing,
+            disk=None if self._disk is None else self._disk.state,
+            disk_blocked_appends=self._disk_blocked,
         )
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:

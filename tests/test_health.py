@@ -7,6 +7,7 @@ the table in its module docstring and docs/operations.md ("Readiness"), one by o
 from __future__ import annotations
 
 from agent.health import (
+    DISK_LOW,
     Component,
     Health,
     Kind,
@@ -81,6 +82,9 @@ def test_the_outbox_and_the_delivery_objective() -> None:
     broken = Component(Kind.OUTBOX, "", Health(State.FAILED, "OperationalError: disk is full"))
     assert decide(full)[0] == ["outbox is over its byte budget: sources are paused"]
     assert decide(broken)[0] == ["outbox write failed: OperationalError: disk is full"]
+    low = Health(State.BLOCKED, "disk free 64.0 KiB below reserve 1.0 MiB", detail=DISK_LOW)
+    disk = Component(Kind.OUTBOX, "", low)
+    assert decide(disk)[0] == ["outbox: disk free 64.0 KiB below reserve 1.0 MiB"]
     ok = Component(Kind.OUTBOX, "", Health(State.OK))
     late = readiness([ok], oldest_age=7200.0, max_oldest_age=3600.0)
     assert late.reasons == ["oldest undelivered record is 7200s old (limit 3600s)"]
