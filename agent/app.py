@@ -81,7 +81,9 @@ class SourceSlot:
         stopped as the supervisor says; else what the source says, with its parts."""
         if self.source is None or self.tracker.state in (State.DISABLED, State.STOPPED):
             return Component(Kind.SOURCE, self.name, self.tracker.health)
-        own = self.source.health()
+        # A crashed instance's parts are stale: shown only while the source runs.
+        idle = Component(Kind.SOURCE, self.name, self.tracker.health)
+        own = self.source.health() if self.running else idle
         merged = supervised(
             own.health, self.tracker, self.restart_log, self.running, self.last_error
         )

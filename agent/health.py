@@ -327,6 +327,8 @@ def supervised(
         return tracker.set(State.FAILED, f"{looping}; last error: {error or '-'}")
     if not running:
         return tracker.set(State.FAILED, error)
+    # Mirror what is shown, so that the next crash's ``since`` is its own.
+    tracker.set(own.state, own.reason, own.detail)
     return own
 
 
