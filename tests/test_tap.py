@@ -29,14 +29,17 @@ from agent.outbox import Outbox, Quarantined
 from agent.records import Record
 from agent.sources import source_plugin
 from agent.sources.base import SourceConfig, SourceContext, Tapped, TapRequest
+from agent.sources.modbus import ModbusConfig, ModbusSource
 from agent.sources.mqtt.tap import tap_client_id
 from agent.sources.sql import SqlSource, SqlSourceConfig
 from tests.agent_process import base_config, cli, write_config
 from tests.helpers.cmms import declarative_source, sqlite_cmms
 from tests.helpers.mosquitto import Mosquitto, Tls, have_mosquitto
 from tests.helpers.mqttpub import Publisher
+from tests.helpers.outputs import TestOutput
 from tests.helpers.waiting import free_port
 from tests.helpers.waiting import wait_for as until
+from tests.modbus_sim import running as modbus_running
 from tests.modbus_sim import sim_device, start_server
 from tests.mqtt_support import mqtt_config, records, running
 from tests.sql.conftest import Backend, _postgres
@@ -461,3 +464,26 @@ def test_a_source_type_without_tap_is_a_usage_error(
     assert main(["--config", str(conf), "tap", "cmms"]) == 2
     err = capsys.readouterr().err
     assert "sources.cmms.type: 'sql' sources have no tap (types with one: modbus, mqtt)" in err
+
+
+async def test_modbus_tap_beside_the_polling_service(tmp_path: Path) -> None:
+    """Over TCP the tap is one more client: the service's connection stays up and its
+    polls go on while the tap polls."""
+    port = free_port()
+    settings, _ = cfg.load(modbus_agent(tmp_path, port, {"ok": 1}))
+    conf = settings.sources["meters"]
+    assert isinstance(conf, ModbusConfig)
+    fast = conf.model_copy(
+        update={"devices": {"ok": conf.devices["ok"].model_copy(update={"interval": 0.05})}}
+    )
+    service = ModbusSource("meters", fast, CONTEXT)
+    out = TestOutput()
+    async with modbus_server(port), modbus_running(service, out):
+        await until(lambda: len(out.records) >= 2, what="the service's first poll")
+        before = service.status()["devices"]["ok"]["polls"]
+        shown = [i async for i in tapped("meters", conf, TapRequest())]
+        await until(lambda: service.status()["devices"]["ok"]["polls"] > before + 2, what="polls")
+        status = service.status()
+    assert [i.remote_id for i in shown if isinstance(i, Record)] == ["ok.temp", "ok.state"]
+    assert status["connections"]["gw"]["connects"] == 1, status
+    assert status["devices"]["ok"]["consecutive_failures"] == 0, status
