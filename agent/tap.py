@@ -25,7 +25,7 @@ from agent import sources as source_plugins
 from agent.config import Settings
 from agent.errors import AgentError, ConfigError
 from agent.outbox import Quarantined
-from agent.records import Record
+from agent.records import Record, RetentionClass
 from agent.sources.base import SourceConfig, SourceContext, Tap, Tapped, TapRequest
 
 EXIT_OK = 0
@@ -139,8 +139,11 @@ def table(item: Tapped, n: int) -> str:
     """A record or bad input as a small two-column table, headed by its number."""
     if isinstance(item, Record):
         head = f"#{n} {item.entity_type} {item.op} {item.remote_id}"
+        # An entity version's id is chained to the previous version when the outbox
+        # stores it; a reading's id is final.
+        chained = item.retention is RetentionClass.BUSINESS
         rows: list[tuple[str, Any]] = [
-            ("id", item.id),
+            ("id", f"{item.id} (provisional)" if chained else item.id),
             ("entity_id", item.entity_id),
             ("source", f"{item.source.name} ({item.source.system}, site {item.source.site})"),
             ("observed_at", item.observed_at),

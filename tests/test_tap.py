@@ -207,6 +207,7 @@ def test_sql_tap_cli_shows_the_first_rows_and_writes_nothing(
         "WO-0", "WO-1", "WO-2",
     ]  # fmt: skip
     assert "data.title" in out.out
+    assert "(provisional)" in out.out  # a work order's id is chained by the outbox
     assert "job 1" in out.out
     assert "tap cmms: 3 record(s), 0 bad input(s)" in out.err
     assert not (tmp_path / "state").exists()
@@ -355,6 +356,7 @@ async def test_modbus_tap_polls_every_device_once_and_shows_a_dead_one(tmp_path:
     assert isinstance(state, Record)
     assert (temp.remote_id, temp.data["value"], temp.data["unit"]) == ("ok.temp", 21.5, "degC")
     assert (state.entity_type, state.data["raw_code"]) == ("event", 2)
+    assert "(provisional)" not in tap_cli.table(temp, 1)  # a reading's id is final
     assert isinstance(dead, Quarantined)
     assert dead.reason.startswith("poll_failed")
     assert dead.context["device"] == "dead"
