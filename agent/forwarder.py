@@ -424,9 +424,10 @@ class Forwarder:
     def status(self) -> dict[str, Any]:
         """The upstream part of ``/v1/status`` (never a credential)."""
         sink = self.sink
+        health = self.health()
         return {
             "type": self.config.type,
-            "state": self.state.value,
+            "state": health.health.state.value,  # with the sink's: what readiness judges
             "reason": self.reason,
             "last_push_at": self.last_push_at,
             "last_attempt_at": self.last_attempt_at,
@@ -449,5 +450,5 @@ class Forwarder:
             "splits": self.counters.splits,
             "bisections": self.counters.bisections,
             "retries": self.counters.retries,
-            "health": self.health().as_dict(),
+            "health": health.as_dict(),
         }
