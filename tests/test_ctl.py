@@ -233,3 +233,33 @@ def test_render_status_shows_errors_upstream_drops_and_dead_letters() -> None:
     assert any("last_success_at" in line and "2m ago" in line for line in lines)
     assert "          dropped budget 40" in lines
     assert any("dead letters 2  quarantined 1" in line for line in lines)
+
+
+def test_render_status_lists_parts_that_are_not_ok_and_the_outbox_state() -> None:
+    status = {
+        "version": "0.1.0",
+        "agent_id": "gw1",
+        "uptime_seconds": 60.0,
+        "readiness": {"ready": False, "reasons": ["outbox: disk below reserve"], "warnings": [
+            "source meters is degraded: devices not answering: lift-2 (no answer (timeout))",
+        ]},
+        "sources": {
+            "meters": {"type": "modbus", "state": "degraded", "restarts": 0, "records": 5,
+                       "reason": "devices not answering: lift-2 (no answer (timeout))",
+                       "parts": {
+                           "lift-1": {"kind": "device", "state": "ok", "detail": "online"},
+                           "lift-2": {"kind": "device", "state": "retrying",
+                                      "detail": "demoted", "reason": "no answer (timeout)"},
+                       }},
+        },
+        "upstream": {"state": "ok", "health": {"state": "retrying", "reason": "sink down"}},
+        "outbox": {"rows": {}, "state": "blocked", "reason": "disk below reserve"},
+    }  # fmt: skip
+    lines = ctl.render_status(status).splitlines()
+    assert "          ! source meters is degraded: devices not answering: lift-2 (no answer (timeout))" in lines
+    part = next(line for line in lines if line.startswith("  lift-2 "))
+    assert part.split()[:4] == ["lift-2", "device", "retrying", "(demoted)"]
+    assert part.endswith("no answer (timeout)")
+    assert not any(line.startswith("  lift-1 ") for line in lines)  # ok parts are not listed
+    assert "upstream  state retrying: sink down" in lines  # the upstream's health, sink included
+    assert lines[-3].startswith("outbox    BLOCKED: disk below reserve; 0 undelivered")
