@@ -30,6 +30,7 @@ import httpx
 from pydantic import ValidationError
 
 from agent.configtypes import format_duration, secret_value
+from agent.outbox_disk import format_bytes
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -279,6 +280,13 @@ def _outbox_lines(box: dict[str, Any]) -> list[str]:
         "          dropped "
         + (", ".join(f"{r} {n:,}" for r, n in sorted(dropped.items())) if dropped else "none"),
     ]
+    if disk := box.get("disk"):
+        low = "  LOW: appends wait" if disk.get("low") else ""
+        out.append(
+            f"          disk free {format_bytes(disk['free_bytes'])} of "
+            f"{format_bytes(disk['total_bytes'])}, reserve "
+            f"{format_bytes(disk['reserve_bytes'])}{low}"
+        )
     if box.get("write_errors"):
         out.append(f"          WRITE ERRORS {box['write_errors']}: {box.get('last_write_error')}")
     if box.get("recovered_from"):

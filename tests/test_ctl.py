@@ -215,7 +215,9 @@ def test_render_status_shows_errors_upstream_drops_and_dead_letters() -> None:
                      "last_success_at": now - 120.0, "requests": {"503": 2}, "in_flight": 0},
         "outbox": {"rows": {"business": 5, "reading": 7}, "total_rows": 12, "total_bytes": 900,
                    "max_bytes": 10_000, "oldest_age_seconds": 90.0, "dead_letters": 2,
-                   "quarantined": 1, "dropped": {"budget": 40}, "blocked_appends": 0},
+                   "quarantined": 1, "dropped": {"budget": 40}, "blocked_appends": 0,
+                   "disk": {"free_bytes": 800 << 10, "total_bytes": 4 << 20, "low": True,
+                            "reserve_bytes": 1 << 20}},
     }  # fmt: skip
     text = ctl.render_status(status)
     lines = text.splitlines()
@@ -233,6 +235,7 @@ def test_render_status_shows_errors_upstream_drops_and_dead_letters() -> None:
     assert any("last_success_at" in line and "2m ago" in line for line in lines)
     assert "          dropped budget 40" in lines
     assert any("dead letters 2  quarantined 1" in line for line in lines)
+    assert "          disk free 800.0 KiB of 4.0 MiB, reserve 1.0 MiB  LOW: appends wait" in lines
 
 
 def test_render_status_lists_parts_that_are_not_ok_and_the_outbox_state() -> None:
