@@ -17,15 +17,14 @@ from agent.app import SourceSlot
 from agent.sources.base import SourceConfig
 from tests.agent_harness import running_agent, settings_for
 from tests.agent_process import (
-    AgentProcess,
     ModbusServerThread,
     base_config,
     cli,
     modbus_source,
     source_records,
-    wait_for,
     write_config,
 )
+from tests.helpers.agentproc import AgentProcess, wait_for
 from tests.helpers.waiting import free_port
 
 API_TOKEN = "ctl-api-token-5f1e"

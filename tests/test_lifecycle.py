@@ -24,15 +24,14 @@ from agent.app import Agent, SourceSlot
 from agent.sources.base import SourceConfig
 from tests.agent_harness import settings_for
 from tests.agent_process import (
-    AgentProcess,
     ModbusServerThread,
     base_config,
     cli,
     modbus_source,
     source_records,
-    wait_for,
     write_config,
 )
+from tests.helpers.agentproc import AgentProcess, wait_for
 
 
 class NotifySocket:

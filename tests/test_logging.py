@@ -18,14 +18,12 @@ import pytest
 
 from tests.agent_process import (
     ROOT,
-    AgentProcess,
-    agent_env,
     base_config,
     cli,
     modbus_source,
-    wait_for,
     write_config,
 )
+from tests.helpers.agentproc import AgentProcess, agent_env, wait_for
 from tests.helpers.waiting import free_port
 
 UPSTREAM_TOKEN = "up-7c1d9e0b-secret"  # from a secret file

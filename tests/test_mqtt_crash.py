@@ -110,13 +110,13 @@ def test_kill_while_commit_blocked_then_redelivered(
     agent = AgentProcess(conf, tmp_path / "agent.log")
     agent.start()
     try:
-        wait_until(lambda: "mqtt_subscribed" in agent.log_text(), what="subscribed")
+        wait_until(lambda: "mqtt_subscribed" in agent.log(), what="subscribed")
         with Publisher(mosquitto.port, protocol) as pub:
             pub.publish("t/A", message("A", 1000))
             wait_until(lambda: expected_id("A", 1000) in ids(db), what="A committed")
             pub.publish("t/B", message("B", 2000))
-            wait_until(lambda: "outbox_full_backpressure" in agent.log_text(), what="B blocked")
-        agent.assert_alive()
+            wait_until(lambda: "outbox_full_backpressure" in agent.log(), what="B blocked")
+        agent.check_alive()
         agent.kill()
         assert expected_id("B", 2000) not in ids(db)
 
@@ -137,10 +137,10 @@ def test_kill_after_commit_before_ack_redelivers_same_id(
     db = tmp_path / "state" / "outbox.db"
     conf = write_config(tmp_path, mosquitto.port, protocol, max_bytes=1 << 20)
     # Test-only hook: commit but never acknowledge, i.e. a crash right after the commit.
-    agent = AgentProcess(conf, tmp_path / "agent.log", env={TEST_HOLD_ACKS_ENV: "1"})
+    agent = AgentProcess(conf, tmp_path / "agent.log", **{TEST_HOLD_ACKS_ENV: "1"})
     agent.start()
     try:
-        wait_until(lambda: "mqtt_subscribed" in agent.log_text(), what="subscribed")
+        wait_until(lambda: "mqtt_subscribed" in agent.log(), what="subscribed")
         with Publisher(mosquitto.port, protocol) as pub:
             pub.publish("t/C", message("C", 3000))
         wait_until(lambda: ids(db)[expected_id("C", 3000)] == 1, what="C committed")
@@ -162,7 +162,7 @@ def test_kill_mid_stream_loses_nothing(mosquitto: Mosquitto, tmp_path: Path) -> 
     sent = [expected_id(f"P{i % 7}", 10_000 + i) for i in range(total)]
     agent.start()
     try:
-        wait_until(lambda: "mqtt_subscribed" in agent.log_text(), what="subscribed")
+        wait_until(lambda: "mqtt_subscribed" in agent.log(), what="subscribed")
 
         def publish() -> None:
             with Publisher(mosquitto.port) as pub:

@@ -28,7 +28,8 @@ from typing import Any
 import pytest
 
 from agent.receiver import Receiver
-from tests.agent_process import AgentProcess, base_config, wait_for, write_config
+from tests.agent_process import base_config, write_config
+from tests.helpers.agentproc import AgentProcess, wait_for
 from tests.helpers.mosquitto import Mosquitto
 from tests.helpers.mqttpub import Publisher
 from tests.upstream_support import TOKEN, receiver_fixture  # noqa: F401

@@ -80,10 +80,10 @@ def test_kill_after_rule_commit_redelivery_raises_nothing_new(
     db = tmp_path / "state" / "outbox.db"
     conf = tmp_path / "config.toml"
     conf.write_text(CONFIG.format(state=tmp_path / "state", port=mosquitto.port))
-    agent = AgentProcess(conf, tmp_path / "agent.log", env={TEST_HOLD_ACKS_ENV: "1"})
+    agent = AgentProcess(conf, tmp_path / "agent.log", **{TEST_HOLD_ACKS_ENV: "1"})
     agent.start()
     try:
-        wait_until(lambda: "mqtt_subscribed" in agent.log_text(), what="subscribed")
+        wait_until(lambda: "mqtt_subscribed" in agent.log(), what="subscribed")
         with Publisher(mosquitto.port) as pub:
             pub.publish("site/b/lift/L1/state", json.dumps({"ts": 1790000000, "fault": 2}))
         wait_until(lambda: len(kinds(db)) == 2, what="rule event and request committed")
@@ -91,7 +91,7 @@ def test_kill_after_rule_commit_redelivery_raises_nothing_new(
         agent.env = {}
         agent.start()
         wait_until(lambda: fault_rows(db) == 2, what="fault redelivered and stored again")
-        agent.assert_alive()
+        agent.check_alive()
     finally:
         agent.kill()
     got = kinds(db)
@@ -100,7 +100,7 @@ def test_kill_after_rule_commit_redelivery_raises_nothing_new(
         ("maintenance_request", "L1/door_fault/20260921T141320.000000Z"),
     ]
     assert all(n == 1 for n in got.values())
-    loaded = [e for e in _events(agent.log_text()) if e.get("event") == "rules_loaded"]
+    loaded = [e for e in _events(agent.log()) if e.get("event") == "rules_loaded"]
     assert [e["raised"] for e in loaded] == [0, 1]  # the restart knew the rule was raised
 
 

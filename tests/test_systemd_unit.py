@@ -14,14 +14,13 @@ from pathlib import Path
 import pytest
 
 from tests.agent_process import (
-    AgentProcess,
     ModbusServerThread,
     base_config,
     modbus_source,
     source_records,
-    wait_for,
     write_config,
 )
+from tests.helpers.agentproc import AgentProcess, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "systemd" / "edge-agent.service"

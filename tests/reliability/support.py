@@ -23,7 +23,6 @@ import functools
 import json
 import os
 import random
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from agent.sources.mqtt import MqttConfig
 from agent.sources.mqtt.mapping import Mapper
 from tests.agent_process import toml_dumps
 from tests.helpers import waiting
+from tests.helpers.agentproc import AgentProcess
 from tests.helpers.mqttpub import Publisher
 from tests.helpers.waiting import free_port, wait_port
 
@@ -183,136 +183,24 @@ class ReceiverProc:
 # ---------------------------------------------------------------------- agent
 
 
-class Agent:
-    """The agent as a subprocess, with its local API on a private port."""
+class Agent(AgentProcess):
+    """The agent as a subprocess (:class:`tests.helpers.agentproc.AgentProcess`), its
+    config written from a dict, with its local API on a private port."""
 
     def __init__(self, workdir: Path, config: dict[str, Any], **env: str) -> None:
         self.workdir = workdir
-        self.config_file = workdir / "config.toml"
-        self.log_file = workdir / "agent.log"
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = env
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.write_config(config)
+        config_file = workdir / "config.toml"
+        self._write(config_file, config)
+        super().__init__(config_file, workdir / "agent.log", **env)
+
+    def _write(self, path: Path, config: dict[str, Any]) -> None:
+        config = {**config, "api": {**config.get("api", {}), "listen": f"127.0.0.1:{self.port}"}}
+        path.write_text(toml_dumps(config) + "\n")
 
     def write_config(self, config: dict[str, Any]) -> None:
         """(Re)write the config file (the API port stays this agent's)."""
-        config = {**config, "api": {**config.get("api", {}), "listen": f"127.0.0.1:{self.port}"}}
-        self.config_file.write_text(toml_dumps(config) + "\n")
-
-    @property
-    def state_dir(self) -> Path:
-        """Where the outbox lives (``agent.state_dir`` of the config)."""
-        import tomllib  # noqa: PLC0415
-
-        return Path(tomllib.loads(self.config_file.read_text())["agent"]["state_dir"])
-
-    @property
-    def outbox(self) -> Path:
-        """The outbox file."""
-        return self.state_dir / "outbox.db"
-
-    def start(self) -> Agent:
-        """Start ``python -m agent --config F run`` (does not wait)."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
-        env.update(PYTHONPATH=str(ROOT), **self.env)
-        with self.log_file.open("ab") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent", "--config", str(self.config_file), "run"],
-                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=err,
-            )  # fmt: skip
-        return self
-
-    def alive(self) -> bool:
-        """Whether the process runs."""
-        return self.proc is not None and self.proc.poll() is None
-
-    def check_alive(self) -> None:
-        """Fail with the log tail when the agent has exited."""
-        if self.proc is not None and self.proc.poll() is not None:
-            tail = "\n".join(self.log().splitlines()[-40:])
-            raise AssertionError(f"agent exited with {self.proc.returncode}:\n{tail}")
-
-    def kill(self) -> None:
-        """SIGKILL: no drain, no goodbye."""
-        if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-            self.proc = None
-
-    def signal(self, sig: signal.Signals) -> None:
-        """Send a signal (SIGHUP: reload)."""
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def stop(self, timeout: float = 90) -> int:
-        """SIGTERM and wait for the exit code."""
-        if self.proc is None:
-            return 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-        self.proc = None
-        return code
-
-    def log(self) -> str:
-        """Everything the agent logged (JSON lines)."""
-        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        """Log events named ``name``."""
-        out = []
-        for line in self.log().splitlines():
-            with contextlib.suppress(ValueError):
-                event = json.loads(line)
-                if event.get("event") == name:
-                    out.append(event)
-        return out
-
-    def get(self, path: str) -> httpx.Response | None:
-        """GET on the local API; None while it does not answer."""
-        try:
-            return httpx.get(self.url + path, timeout=5, trust_env=False)
-        except httpx.HTTPError:
-            return None
-
-    def status(self) -> dict[str, Any]:
-        """``/v1/status`` (waits for the API)."""
-        answer = wait_until(lambda: self.get("/v1/status"), "agent API answers")
-        result: dict[str, Any] = answer.json()
-        return result
-
-    def wait_ready(self, timeout: float = DEADLINE) -> None:
-        """Wait until /healthz answers (fail at once if the agent exits)."""
-
-        def up() -> bool:
-            self.check_alive()
-            answer = self.get("/healthz")
-            return answer is not None and answer.status_code == 200
-
-        wait_until(up, "agent API up", timeout)
-
-
-def outbox_query(db: Path, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Rows of the outbox file, read with plain sqlite3 (safe while the agent runs)."""
-    if not db.exists():
-        return []
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        return con.execute(sql, args).fetchall()
-    except sqlite3.OperationalError as exc:
-        if "no such table" in str(exc):
-            return []  # the schema is not created yet
-        raise
-    finally:
-        con.close()
+        self._write(self.config_file, config)
 
 
 def integrity_check(db: Path) -> str:

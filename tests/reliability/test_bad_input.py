@@ -38,6 +38,7 @@ from agent.sources.modbus import ModbusConfig, ModbusSource
 from agent.sources.mqtt import MqttConfig
 from agent.sources.mqtt.mapping import Mapper
 from agent.sources.sql import SqlSource, SqlSourceConfig
+from tests.helpers.agentproc import outbox_rows
 from tests.helpers.mosquitto import Mosquitto
 from tests.helpers.mqttpub import Publisher
 from tests.helpers.outputs import TestOutput
@@ -50,7 +51,6 @@ from tests.reliability.support import (
     agent_config,
     message,
     mqtt_source,
-    outbox_query,
     reading_id,
     report,
     wait_until,
@@ -118,7 +118,7 @@ def test_corpus_through_the_daemon(tmp_path: Path, mosquitto: Mosquitto) -> None
         wait_until(lambda: good <= rx.ids(), "every good message at the receiver")
         quarantined = {
             json.loads(ctx)["topic"]: reason
-            for reason, ctx in outbox_query(agent.outbox, "SELECT reason, context FROM quarantine")
+            for reason, ctx in outbox_rows(agent.outbox, "SELECT reason, context FROM quarantine")
         }
         want = {
             f"rel/BAD{n:03d}/v": expected(p)
@@ -126,7 +126,7 @@ def test_corpus_through_the_daemon(tmp_path: Path, mosquitto: Mosquitto) -> None
             if expected(p) not in COUNTED
         }
         assert quarantined == want
-        problems = agent.status()["sources"]["plant"]["input_problems"]
+        problems = agent.status_sync()["sources"]["plant"]["input_problems"]
         counted = sum(1 for p in CORPUS if expected(p) in COUNTED)
         assert problems.get("timestamp_fallback", 0) >= counted
         agent.check_alive()
@@ -342,7 +342,7 @@ async def test_sql_rows_with_nulls_impossible_dates_and_huge_text(
             status = await source.sync_once(box)
         finally:
             await source.aclose()
-        rows = outbox_query(box.path, "SELECT body FROM records")
+        rows = outbox_rows(box.path, "SELECT body FROM records")
         bad = await box.quarantined()
     stored = {json.loads(b)["remote_id"]: json.loads(b) for (b,) in rows}
     keys = {q["context"]["key"][0]: q["reason"] for q in bad}

@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from tests.agent_process import ModbusServerThread, modbus_source
+from tests.helpers.agentproc import outbox_rows
 from tests.helpers.mosquitto import Mosquitto
 from tests.reliability.support import (
     DEADLINE,
@@ -42,7 +43,6 @@ from tests.reliability.support import (
     kills,
     message,
     mqtt_source,
-    outbox_query,
     reading_id,
     report,
     seeded,
@@ -143,18 +143,18 @@ def run_loop(
             if agent.proc is None:
                 agent.start()
             if i % 2:
-                agent.wait_ready()
+                agent.wait_ready_sync()
             time.sleep(rng.uniform(0.0, 1.5))  # a random moment is the point here
             agent.kill()
             verdict = integrity_check(agent.outbox)
             assert verdict == "ok", f"outbox damaged after kill {i + 1}: {verdict}"
-            ids = [r[0] for r in outbox_query(agent.outbox, "SELECT id FROM records")]
+            ids = [r[0] for r in outbox_rows(agent.outbox, "SELECT id FROM records")]
             seen.update(ids)
         sent = pub.stop()
         writer.stop()
     # One clean run to the end: everything arrives, then a graceful stop.
     agent.start()
-    agent.wait_ready()
+    agent.wait_ready_sync()
     expected = {reading_id(message(s)[0], T0 + s) for s in sent}
     wait_until(lambda: expected <= rx.ids(), "every published message at the receiver")
     wait_until(
@@ -163,9 +163,9 @@ def run_loop(
         detail=lambda: version_diff(final_versions(rx), writer.final),
     )
     wait_until(lambda: seen <= rx.ids(), "every record the outbox held at the receiver")
-    wait_until(lambda: outbox_query(agent.outbox, "SELECT count(*) FROM records")[0][0] == 0,
+    wait_until(lambda: outbox_rows(agent.outbox, "SELECT count(*) FROM records")[0][0] == 0,
                "outbox drained")  # fmt: skip
-    status = agent.status()
+    status = agent.status_sync()
     assert status["outbox"]["recovered_from"] is None
     assert status["outbox"]["dead_letters"] == 0
     assert agent.stop() == 0

@@ -56,28 +56,28 @@ def test_disk_full_reported_nothing_lost_resumes(
     config["agent"]["state_dir"] = str(small_disk / "state")  # default disk_reserve "auto"
     agent = Agent(tmp_path, config).start()
     try:
-        agent.wait_ready()
+        agent.wait_ready_sync()
         wait_until(lambda: agent.events("mqtt_subscribed"), "MQTT subscribed")
-        reserve = agent.status()["outbox"]["disk"]["reserve_bytes"]
+        reserve = agent.status_sync()["outbox"]["disk"]["reserve_bytes"]
         assert reserve == 1 << 20  # "auto" on 4 MiB: a quarter of the disk
         filler = fill(small_disk, leave=64 * 1024)
         with PublisherThread(mosquitto.port, rate=400) as pub:
             # Appends wait (the source stops reading) instead of taking the last bytes.
             disk = wait_until(lambda: waiting_for_disk(agent), "appends waiting for disk",
-                              detail=lambda: agent.status()["outbox"])  # fmt: skip
+                              detail=lambda: agent.status_sync()["outbox"])  # fmt: skip
             assert disk["low"]
             assert disk["free_bytes"] < reserve
-            ready = wait_until(lambda: agent.get("/readyz"), "readyz answers")
+            ready = wait_until(lambda: agent.get_sync("/readyz"), "readyz answers")
             assert ready.status_code == 503
             reasons = ready.json()["reasons"]
             assert any(
                 r.startswith("outbox: disk free ") and "below reserve 1.0 MiB" in r for r in reasons
             ), reasons
             agent.check_alive()
-            health = agent.get("/healthz")
+            health = agent.get_sync("/healthz")
             assert health is not None
             assert health.status_code == 200
-            metrics = agent.get("/metrics")
+            metrics = agent.get_sync("/metrics")
             assert metrics is not None
             assert "edge_agent_outbox_disk_low 1.0" in metrics.text
             assert agent.events("outbox_disk_low_backpressure")
@@ -90,13 +90,13 @@ def test_disk_full_reported_nothing_lost_resumes(
             filler.unlink()  # space returns
             rx.start()  # and the upstream, so the outbox drains
             wait_until(lambda: ready_ok(agent), "ready again without a restart",
-                       detail=lambda: agent.get("/readyz").json())  # fmt: skip
+                       detail=lambda: agent.get_sync("/readyz").json())  # fmt: skip
             assert agent.events("outbox_disk_ok")
             sent = pub.stop()
         expected = {reading_id(message(s)[0], T0 + s) for s in sent}
         wait_until(lambda: expected <= rx.ids(), "every published message at the receiver",
                    detail=lambda: f"{len(expected - rx.ids())} missing")  # fmt: skip
-        status = agent.status()
+        status = agent.status_sync()
         assert status["outbox"]["recovered_from"] is None
         assert status["outbox"]["disk"]["low"] is False
         assert agent.stop() == 0
@@ -119,11 +119,11 @@ def test_disk_full_reported_nothing_lost_resumes(
 
 
 def waiting_for_disk(agent: Agent) -> dict[str, object] | None:
-    disk: dict[str, object] = agent.status()["outbox"]["disk"]
+    disk: dict[str, object] = agent.status_sync()["outbox"]["disk"]
     blocked = disk["blocked_appends"]
     return disk if isinstance(blocked, int) and blocked > 0 else None
 
 
 def ready_ok(agent: Agent) -> bool:
-    answer = agent.get("/readyz")
+    answer = agent.get_sync("/readyz")
     return answer is not None and answer.status_code == 200

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.agentproc import outbox_rows
 from tests.helpers.mosquitto import Mosquitto
 from tests.helpers.mqttpub import Publisher
 from tests.reliability.support import (
@@ -28,7 +29,6 @@ from tests.reliability.support import (
     agent_config,
     message,
     mqtt_source,
-    outbox_query,
     reading_id,
     report,
     scale,
@@ -70,7 +70,7 @@ class Matrix:
         self.steps.append(what)
 
     def upstream(self) -> dict[str, Any]:
-        result: dict[str, Any] = self.agent.status()["upstream"]
+        result: dict[str, Any] = self.agent.status_sync()["upstream"]
         return result
 
     def until(self, condition: Callable[[dict[str, Any]], bool], what: str) -> None:
@@ -118,7 +118,7 @@ def test_fault_matrix_end_to_end(tmp_path: Path, mosquitto: Mosquitto) -> None:
         rx.faults(reset=True, latency=3.0, latency_count=2)
         m.arrived(m.publish(), "after read timeouts")
         rx.faults(reset=True)
-        wait_until(lambda: outbox_query(agent.outbox, "SELECT count(*) FROM records")[0][0] == 0,
+        wait_until(lambda: outbox_rows(agent.outbox, "SELECT count(*) FROM records")[0][0] == 0,
                    "outbox drained")  # fmt: skip
         up = m.upstream()
         stats = rx.stats()
@@ -154,10 +154,10 @@ def reauthorize_by_sighup(m: Matrix, token_file: Path) -> None:
     m.until(lambda up: up["state"] == "reauthorization_required", "401 seen")
     assert not (ids & m.rx.ids()), "nothing is accepted with the old token"
     token_file.write_text(NEW_TOKEN)
-    m.agent.signal(signal.SIGHUP)
+    m.agent.send(signal.SIGHUP)
     m.arrived(ids, "after 401 and a new token by SIGHUP")
     m.until(lambda up: up["state"] == "ok", "upstream ok again")
 
 
 def dead_ids(agent: Agent) -> set[str]:
-    return {r[0] for r in outbox_query(agent.outbox, "SELECT id FROM dead_letters")}
+    return {r[0] for r in outbox_rows(agent.outbox, "SELECT id FROM dead_letters")}

@@ -84,12 +84,12 @@ def publish(port: int, n: int) -> list[int]:
 
 
 def plant(agent: Agent) -> dict[str, Any]:
-    source: dict[str, Any] = agent.status()["sources"]["plant"]
+    source: dict[str, Any] = agent.status_sync()["sources"]["plant"]
     return source
 
 
 def sample_budget(agent: Agent, peaks: list[int]) -> dict[str, Any]:
-    status = agent.status()
+    status = agent.status_sync()
     peaks.append(status["outbox"]["total_bytes"])
     return status
 
@@ -110,7 +110,7 @@ def test_outage_block_drops_nothing(tmp_path: Path, mosquitto: Mosquitto) -> Non
         assert committed < n, "the outbox cannot hold every message within its budget"
         assert status["outbox"]["dropped"] == {}
         assert status["upstream"]["state"] == "retrying"
-        ready = agent.get("/readyz")
+        ready = agent.get_sync("/readyz")
         assert ready is not None
         assert ready.status_code == 503
         for _ in range(20):  # it stays within budget while the outage lasts
@@ -122,7 +122,7 @@ def test_outage_block_drops_nothing(tmp_path: Path, mosquitto: Mosquitto) -> Non
         expected = {reading_id(message(s)[0], T0 + s) for s in sent}
         wait_until(lambda: expected <= rx.ids(), "every message at the receiver")
         wait_until(lambda: titles(rx) == rows, "every row at the receiver")
-        final = agent.status()["outbox"]
+        final = agent.status_sync()["outbox"]
         assert final["dropped"] == {}
         assert agent.stop() == 0
         assert rx.order_violations() == []
@@ -152,8 +152,8 @@ def test_outage_drop_oldest_counts_every_drop(tmp_path: Path, mosquitto: Mosquit
         # Readings never wait in drop_oldest mode: every message gets committed (or dropped).
         wait_until(lambda: plant(agent)["counters"].get("committed_messages", 0) >= n,
                    "all consumed", detail=lambda: plant(agent))  # fmt: skip
-        wait_until(lambda: agent.status()["sources"]["cmms"]["records"] >= ROWS, "rows read")
-        status = agent.status()["outbox"]
+        wait_until(lambda: agent.status_sync()["sources"]["cmms"]["records"] >= ROWS, "rows read")
+        status = agent.status_sync()["outbox"]
         dropped = status["dropped"].get("over_budget", 0)
         assert dropped > 0
         assert status["total_bytes"] <= BUDGET
@@ -162,10 +162,10 @@ def test_outage_drop_oldest_counts_every_drop(tmp_path: Path, mosquitto: Mosquit
         wait_until(lambda: titles(rx) == rows, "every business record (never dropped)")
 
         def settled() -> bool:
-            return agent.status()["outbox"]["total_rows"] == 0
+            return agent.status_sync()["outbox"]["total_rows"] == 0
 
         wait_until(settled, "outbox drained")
-        assert agent.status()["outbox"]["dropped"].get("over_budget", 0) == dropped
+        assert agent.status_sync()["outbox"]["dropped"].get("over_budget", 0) == dropped
         got = rx.ids()
         missing = sorted(s for i, s in by_id.items() if i not in got)
         assert len(missing) == dropped, "the drop counter equals what is missing upstream"
