@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -18,10 +19,14 @@ from sqlalchemy import delete, update
 from structlog.testing import capture_logs
 
 from agent.api import AgentCollector
+from agent.forwarder import Forwarder
 from agent.outbox import Cursor, Outbox, OutboxWriteError
-from agent.sources.sql import keyset
+from agent.receiver import running_receiver
+from agent.sources.sql import SqlSource, keyset
+from tests.helpers.waiting import wait_for
 from tests.sql.conftest import Backend, latest, make_source, outbox_records, sql_config
 from tests.sql.sapdb import SapDb
+from tests.upstream_support import TOKEN, make_settings
 
 BERLIN = ZoneInfo("Europe/Berlin")
 ORDERS = [f"{4100000 + i:012d}" for i in range(7)]
@@ -85,6 +90,9 @@ async def test_changes_no_feed_sees_are_sent_by_one_pass(
     assert got[ORDERS[6]]["seq"] < got[ORDERS[0]]["seq"], "the unchanged order is not re-sent"
     seen = drifts(logs)
     assert sorted(seen) == sorted([*ORDERS[:4], "000004199999", ORDERS[5]])
+    assert {(e["log_level"], e["source"], e["entity"]) for e in seen.values()} == {
+        ("warning", "sap-prd", "work_orders")
+    }, "each drift is a warning naming the entity (and the key and fields, below)"
     assert seen[ORDERS[0]]["fields"] == ["data.title", "remote_data"]
     assert seen[ORDERS[1]]["fields"] == ["data.asset_remote_id", "remote_data"]
     assert seen[ORDERS[2]]["fields"] == ["data.location_remote_id", "remote_data"]
@@ -118,26 +126,48 @@ async def test_a_change_the_feeds_will_send_is_no_drift(
 
 
 async def test_created_and_hard_deleted_with_a_restart_between(
-    backend: Backend, sap: SapDb, outbox: Outbox
+    backend: Backend, sap: SapDb, tmp_path: Path
 ):
-    """The documented limitation is gone: the key set is in the outbox, not a temp file."""
+    """The documented limitation is gone: a row created and synced, then hard-deleted
+    while the agent is stopped, reaches the upstream as a delete after the restart (the
+    key set is in the outbox; it was a temporary file a restart lost)."""
     await orders(sap, ORDERS[:2])
     config = sql_config(backend, include=["work_orders"])
     aufk = sap.table("AUFK")
-    first = make_source(config)
-    try:
-        await first.sync_once(outbox, reconcile=True)
-        await sap.order("000004188888", ktext="Short-lived", aedat=day())
-        await first.sync_once(outbox)
-    finally:
-        await first.aclose()
-    await sap.execute(delete(aufk).where(aufk.c.AUFNR == "000004188888"))
-    second = make_source(config)  # a new process
-    try:
-        await second.sync_once(outbox, reconcile=True)
-    finally:
-        await second.aclose()
-    assert latest(outbox, "work_order")["000004188888"]["op"] == "delete"
+    short = "000004188888"
+    async with running_receiver(tmp_path / "rx.db", TOKEN) as rx:
+        upstream = make_settings(tmp_path, rx.url).upstream
+
+        async def agent(work: Any) -> None:
+            """One agent process: its outbox, forwarder and source, stopped at the end."""
+            async with Outbox(tmp_path / "outbox.db") as box:
+                forwarder = Forwarder(box, upstream, "test-agent")
+                await forwarder.start()
+                source = make_source(config)
+                try:
+                    await work(source, box)
+
+                    async def delivered() -> bool:
+                        return sum((await box.stats()).rows.values()) == 0
+
+                    await wait_for(delivered, what="the outbox delivered")
+                finally:
+                    await source.aclose()
+                    await forwarder.stop()
+
+        async def first(source: SqlSource, box: Outbox) -> None:
+            await source.sync_once(box, reconcile=True)
+            await sap.order(short, ktext="Short-lived", aedat=day())
+            await source.sync_once(box)
+
+        await agent(first)
+        assert rx.store.latest("sap-prd", "work_order")[short]["op"] == "upsert"
+        await sap.execute(delete(aufk).where(aufk.c.AUFNR == short))  # agent stopped
+        await agent(lambda source, box: source.sync_once(box, reconcile=True))
+        got = rx.store.latest("sap-prd", "work_order")
+    assert got[short]["op"] == "delete"
+    assert got[short]["data"] == {"deleted": True, "reason": "not_found_in_source"}
+    assert {k for k, v in got.items() if v["op"] == "delete"} == {short}
 
 
 async def test_a_dead_lettered_version_is_sent_again(backend: Backend, sap: SapDb, outbox: Outbox):
