@@ -3,6 +3,9 @@ declares is what the core then finds (no ``getattr`` probing)."""
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 
 from agent import sources
@@ -36,3 +39,17 @@ def test_unknown_type_is_a_key_error() -> None:
 
 def test_config_classes_follow_the_registry() -> None:
     assert sources.config_classes() == [p.config_class for p in sources.source_plugins()]
+
+
+def test_plugin_configs_are_built_whole_never_written_into() -> None:
+    """Source config models are frozen: a validator that fills something in (profile
+    points, a default table) does it before the model is built, never with
+    ``object.__setattr__`` afterwards."""
+    root = Path(sources.__file__).parent
+    writes = [
+        f"{path.relative_to(root)}:{node.lineno}"
+        for path in sorted(root.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "object.__setattr__"
+    ]
+    assert writes == []
