@@ -6,7 +6,10 @@ reconciliation pass must send it, log it as a drift naming the fields, and count
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import sqlite3
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -418,3 +421,46 @@ async def test_a_failed_step_is_done_again_not_skipped(
     assert [r["remote_id"] for r in outbox_records(outbox) if r["op"] == "delete"] == []
     assert rec.last is not None
     assert (rec.last.rows, rec.last.deletes) == (11, 0)
+
+
+async def test_the_schedule_takes_a_pass_one_chunk_at_a_time(pg: Backend, outbox: Outbox):
+    """A running source reconciles in steps of one chunk, and waits between them (the
+    trickle the database sees), rather than in one go."""
+    sap = SapDb(pg.engine, pg.schema)
+    await sap.create()
+    keys = [f"{4500000 + i:012d}" for i in range(10)]
+    await orders(sap, keys)  # 11 orders, chunks of 3: 4 scan steps and the delete page
+    await sap.execute(delete(sap.table("AUFK")).where(sap.table("AUFK").c.AUFNR == keys[3]))
+    config = sql_config(
+        pg, include=["work_orders"], chunk_size=3, interval="1h", reconcile_interval="3s"
+    )
+    source = make_source(config)
+    rec = source.entities["work_orders"].reconciler
+    events: list[tuple[str, Any]] = []
+    real_step, real_wait = rec.step, source._wait
+
+    async def step(out: Any, **kw: Any) -> bool:
+        events.append(("step", rec.current.rows))
+        return await real_step(out, **kw)
+
+    async def wait(name: str, at: float) -> None:
+        events.append(("wait", at - time.time()))
+        await real_wait(name, at)
+
+    rec.step = step  # type: ignore[method-assign]
+    source._wait = wait  # type: ignore[method-assign]
+    task = asyncio.create_task(source.run(outbox))
+    try:
+        await wait_for(lambda: rec.last is not None, what="a reconciliation pass", timeout=60)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    steps = [i for i, (kind, _) in enumerate(events) if kind == "step"]
+    assert [events[i][1] for i in steps] == [0, 3, 6, 9, 10], "one chunk per step"
+    for before, after in itertools.pairwise(steps):
+        waits = [events[i][1] for i in range(before + 1, after) if events[i][0] == "wait"]
+        assert waits, f"no wait between steps: {events}"
+        assert max(waits) > 0, f"no pause between steps: {events}"
+    assert rec.last is not None
+    assert (rec.last.rows, rec.last.deletes) == (10, 0)
