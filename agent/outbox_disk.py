@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -155,27 +155,26 @@ class DiskWatch:
         self.setting = setting
         self.reusable = 0
         """Free bytes inside the outbox file, as last read (the outbox keeps it current)."""
-        self.state = self.sample()
+        self.sampled_at = 0.0
+        """When ``state`` was taken (``time.monotonic()``)."""
+        self._reserve = (-1, 0)  # (filesystem size, reserve): a resize changes it
+        self.state: DiskState = self.sample()
 
     def sample(self) -> DiskState:
         """Look at the filesystem now; ``state`` is the result (``since`` kept while the
         disk stays low, or fine)."""
         st = os.statvfs(self.directory)
         total = st.f_blocks * st.f_frsize
+        if self._reserve[0] != total:
+            self._reserve = (total, reserve_bytes(self.setting, total))
+        free, reserve = st.f_bavail * st.f_frsize, self._reserve[1]
         old: DiskState | None = getattr(self, "state", None)
-        state = DiskState(
-            free_bytes=st.f_bavail * st.f_frsize,
-            total_bytes=total,
-            reusable_bytes=self.reusable,
-            reserve_bytes=reserve_bytes(self.setting, total),
-            since=time.time(),
-        )
-        if old is not None and old.low == state.low:
-            state = DiskState(
-                state.free_bytes, total, state.reusable_bytes, state.reserve_bytes, old.since
-            )
+        state = DiskState(free, total, self.reusable, reserve, 0.0 if old is None else old.since)
+        if old is None or state.low != old.low:
+            state = replace(state, since=time.time())
         self.state = state
-        return state
+        self.sampled_at = time.monotonic()
+        return self.state
 
     def admits(self, size: int, queued: int) -> bool:
         """Whether an append of ``size`` bytes may go on now, with ``queued`` bytes

@@ -65,11 +65,17 @@ async def disk_blocked(box: Outbox) -> bool:
     return (await box.stats()).disk_blocked_appends > 0
 
 
+async def disk_low(box: Outbox) -> bool:
+    disk = (await box.stats()).disk
+    return disk is not None and disk.low
+
+
 async def test_appends_wait_below_reserve_acks_go_on_and_resume(disk: Path) -> None:
     async with Outbox(disk / "outbox.db") as box:
         await box.append([work_order("before")])
         (leased,) = await box.lease(10, 1 << 20)
         filler = fill(disk, leave=64 << 10)
+        await wait_for(lambda: disk_low(box), what="the watcher sees the disk low")
         append = asyncio.create_task(box.append([work_order("during")]))
         await wait_for(lambda: disk_blocked(box), what="the append waits for disk")
         stats = await box.stats()
