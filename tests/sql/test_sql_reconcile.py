@@ -7,9 +7,11 @@ reconciliation pass must send it, log it as a drift naming the fields, and count
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import sqlite3
 import time
+import warnings
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -393,14 +395,14 @@ class FailingOnce:
 
 @pytest.mark.parametrize("pipelined", [False, True], ids=["scheduled", "without_pauses"])
 async def test_a_failed_step_is_done_again_not_skipped(
-    pg: Backend, outbox: Outbox, pipelined: bool
+    backend: Backend, sap: SapDb, outbox: Outbox, pipelined: bool
 ):
-    """A step whose commit failed is read again: its keys are not taken for deleted."""
-    sap = SapDb(pg.engine, pg.schema)
-    await sap.create()
+    """A step whose commit failed is read again: its keys are not taken for deleted. And
+    the query in flight then (the next chunk's) is let finish, not cancelled: a query
+    cancelled half-way leaks its connection (a ResourceWarning when it is collected)."""
     keys = [f"{4400000 + i:012d}" for i in range(10)]
     await orders(sap, keys)
-    config = sql_config(pg, include=["work_orders"], chunk_size=3, reconcile_interval="1d")
+    config = sql_config(backend, include=["work_orders"], chunk_size=3, reconcile_interval="1d")
     source = make_source(config)
     try:
         await source.sync_once(outbox, reconcile=True)  # baseline
@@ -418,9 +420,14 @@ async def test_a_failed_step_is_done_again_not_skipped(
                 pass
     finally:
         await source.aclose()
-    assert [r["remote_id"] for r in outbox_records(outbox) if r["op"] == "delete"] == []
     assert rec.last is not None
     assert (rec.last.rows, rec.last.deletes) == (11, 0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        del source, rec
+        gc.collect()
+    assert [str(w.message) for w in caught] == [], "no connection left unclosed"
+    assert [r["remote_id"] for r in outbox_records(outbox) if r["op"] == "delete"] == []
 
 
 async def test_the_schedule_takes_a_pass_one_chunk_at_a_time(pg: Backend, outbox: Outbox):

@@ -341,9 +341,14 @@ class Reconciler:
                 await self._scan_step(out, prefetch)
                 return False
             return await self._delete_step(out)
-        except BaseException:
+        except BaseException as exc:
             self._reload = True
-            self._drop_prefetch()
+            if isinstance(exc, asyncio.CancelledError):
+                self._drop_prefetch()
+            else:
+                # Let the next chunk's query finish: one cancelled half-way leaks its
+                # connection (as in the sync: agent.sources.sql.sync._run_feed).
+                await self._settle_prefetch()
             raise
 
     async def _reload_state(self, out: Output) -> None:
@@ -397,6 +402,11 @@ class Reconciler:
             nxt = self._position(rows[-1])
             self._prefetch = (nxt, asyncio.create_task(self._fetch(nxt)))
         return rows
+
+    async def _settle_prefetch(self) -> None:
+        pending, self._prefetch = self._prefetch, None
+        if pending is not None:
+            await asyncio.gather(pending[1], return_exceptions=True)
 
     def _drop_prefetch(self) -> None:
         if self._prefetch is not None:
