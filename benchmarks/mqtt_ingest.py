@@ -34,7 +34,9 @@ sys.path.insert(0, str(ROOT))
 import aiomqtt
 import structlog
 
+from agent.health import State
 from agent.outbox import Outbox
+from agent.pipeline import Pipeline
 from agent.records import SourceRef
 from agent.sources.base import SourceContext
 from agent.sources.mqtt import MqttConfig, MqttSource
@@ -130,11 +132,12 @@ def agent_config(port: int) -> MqttConfig:
 
 
 async def agent(port: int, n: int, db: Path) -> float:
-    """Figure: the MQTT source commits n queued messages to a real outbox."""
+    """Figure: the MQTT source commits n queued messages to a real outbox, through the
+    pipeline the supervisor hands it (no rules, as configured here)."""
     src = MqttSource("bench", agent_config(port), SourceContext("gw", "s1"))
     async with Outbox(db) as box:
         t0 = time.perf_counter()
-        task = asyncio.create_task(src.run(box))
+        task = asyncio.create_task(src.run(Pipeline(box, on_commit=lambda _r, _q: None)))
         while src.counters["committed_messages"] < n:
             if task.done():
                 task.result()
@@ -173,8 +176,8 @@ async def main_async(n: int, rounds: int, work: Path) -> dict[str, object]:
         await create_session(broker.port, "bench-bare")
         agent_src = MqttSource("bench", agent_config(broker.port), SourceContext("gw", "s1"))
         async with Outbox(work / "warm.db") as box:  # creates the agent's session
-            task = asyncio.create_task(agent_src.run(box))
-            while agent_src.state != "connected":  # noqa: ASYNC110 - polling a plain attribute
+            task = asyncio.create_task(agent_src.run(Pipeline(box)))
+            while agent_src.tracker.state is not State.OK:  # noqa: ASYNC110 - plain attribute
                 await asyncio.sleep(0.01)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
