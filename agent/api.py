@@ -31,7 +31,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent.configtypes import secret_value
-from agent.health import Component, Health, Kind, State, is_up, part_up
+from agent.health import Component, Health, Kind, is_up, part_up
 
 if TYPE_CHECKING:
     from agent.app import Agent
@@ -170,12 +170,13 @@ class AgentCollector(Collector):
 
     @staticmethod
     def _states(components: Sequence[Component] = ()) -> Iterator[Metric]:
-        """Every component's (and part's) state, one series per possible state (1 for the
-        current one), and since when it is in it: what /readyz judged, for alerting on
-        ``failed`` or a long ``retrying``."""
+        """Every component's (and part's) current state, and since when it is in it: what
+        /readyz judged, for alerting on ``failed`` or a long ``retrying``. One series per
+        component, labelled with its current state (not one per possible state: a Modbus
+        source of 200 devices would be 1,800 series, 170 kB a scrape)."""
         labels = ["kind", "component", "state"]
         state = GaugeMetricFamily(
-            "edge_agent_component_state", "1 for the component's current state", labels=labels
+            "edge_agent_component_state", "1, labelled with the component's state", labels=labels
         )
         since = GaugeMetricFamily(
             "edge_agent_component_state_since_timestamp_seconds",
@@ -183,8 +184,7 @@ class AgentCollector(Collector):
             labels=labels[:2],
         )
         for kind, name, h in _flatten(components):
-            for value in State:
-                state.add_metric([kind, name, value.value], 1 if h.state is value else 0)
+            state.add_metric([kind, name, h.state.value], 1)
             since.add_metric([kind, name], h.since)
         yield from (state, since)
 
