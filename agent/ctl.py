@@ -30,6 +30,7 @@ import httpx
 from pydantic import ValidationError
 
 from agent.configtypes import format_duration, secret_value
+from agent.health import State
 from agent.outbox_disk import format_bytes
 
 EXIT_OK = 0
@@ -217,7 +218,7 @@ def _part_rows(st: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
     return [
         (f"  {name}", str(p.get("kind", "-")), _state(p), "", "", _one_line(p.get("reason")))
         for name, p in sorted((st.get("parts") or {}).items())
-        if isinstance(p, dict) and p.get("state") not in {"ok", "disabled"}
+        if isinstance(p, dict) and p.get("state") not in {State.OK, State.DISABLED}
     ]
 
 
@@ -248,7 +249,7 @@ def _upstream_lines(up: dict[str, Any] | None) -> list[str]:
     merged = up.get("health")  # the upstream's and its sink's, as readiness judged
     health: dict[str, Any] = merged if isinstance(merged, dict) else up
     out = [f"upstream  state {_state(health)}"]
-    if health.get("state") not in {None, "ok"} and health.get("reason"):
+    if health.get("state") not in {None, State.OK} and health.get("reason"):
         out[0] += f": {_one_line(health['reason'], 100)}"
     scalars = {
         k: v
@@ -268,7 +269,7 @@ def _outbox_lines(box: dict[str, Any]) -> list[str]:
     age = box.get("oldest_age_seconds")
     dropped = box.get("dropped") or {}
     state = ""
-    if box.get("state") not in {None, "ok"}:
+    if box.get("state") not in {None, State.OK}:
         state = f"{str(box['state']).upper()}: {_one_line(box.get('reason'), 100)}; "
     out = [
         f"outbox    {state}{box.get('total_rows', 0):,} undelivered "
