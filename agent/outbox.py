@@ -515,7 +515,7 @@ class Outbox:
         """Open (creating if needed), check integrity, and start the writer."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(self._prepare_file)
-        watch = DiskWatch(self.path.parent, self.disk_reserve)
+        watch = DiskWatch(self.path.parent, self.disk_reserve, Path(f"{self.path}-wal"))
         self._disk = watch if watch.state.reserve_bytes > 0 else None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="outbox-writer")
         loop = asyncio.get_running_loop()
@@ -546,6 +546,7 @@ class Outbox:
             page = int(con.execute("PRAGMA page_size").fetchone()[0])
             pages = max(16, min(1000, self._disk.state.reserve_bytes // 4 // page))
             self._wal_limit = pages * page
+            self._disk.floor = self._wal_limit
             con.execute(f"PRAGMA wal_autocheckpoint={pages}")
             con.execute(f"PRAGMA journal_size_limit={self._wal_limit}")
             self._disk.reusable = self._free_pages(con)

@@ -12,10 +12,13 @@ outbox forward (acks, dead letters, checkpoints) still has room.
 
 What counts as free: the filesystem's free bytes (``statvfs``, the space an unprivileged
 process may use) plus the pages inside the outbox file that delivered records left free
-(``PRAGMA freelist_count``: new records reuse them without growing the file), but at
-least half the reserve must be truly free on the filesystem (new records pass through
-the WAL first). Without the second part, an outbox that filled the disk itself would stay
-blocked after delivering everything: deleting rows frees pages, not disk.
+(``PRAGMA freelist_count``: new records reuse them without growing the file). Without
+them, an outbox that filled the disk itself would stay blocked after delivering
+everything: deleting rows frees pages, not disk. New records pass through the WAL first,
+so besides, the free bytes plus the WAL file (reused after each checkpoint) must hold the
+WAL's working size (a quarter of the reserve, see the outbox). That floor must stay well
+below the reserve: a floor at half of it wedged an outbox whose file had grown close to
+it, with every page it needed free inside the file.
 
 The reserve (``outbox.disk_reserve``):
 
@@ -28,6 +31,7 @@ The reserve (``outbox.disk_reserve``):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -113,6 +117,10 @@ class DiskState:
     reserve_bytes: int
     since: float
     """Since when the disk is low (or fine), Unix time."""
+    wal_bytes: int = 0
+    """The size of the outbox's WAL file (reused after a checkpoint)."""
+    floor_bytes: int = 0
+    """Free plus WAL bytes needed whatever the reusable pages (the WAL's working size)."""
 
     @property
     def headroom(self) -> int:
@@ -124,7 +132,7 @@ class DiskState:
         """Below the reserve: appends wait."""
         if self.reserve_bytes <= 0:
             return False
-        return self.headroom < 0 or self.free_bytes < self.reserve_bytes // 2
+        return self.headroom < 0 or self.free_bytes + self.wal_bytes < self.floor_bytes
 
     def reason(self) -> str:
         """Why appends wait, for readiness and logs."""
@@ -141,6 +149,7 @@ class DiskState:
             "total_bytes": self.total_bytes,
             "reusable_bytes": self.reusable_bytes,
             "reserve_bytes": self.reserve_bytes,
+            "wal_bytes": self.wal_bytes,
             "low": self.low,
             "reason": self.reason() if self.low else None,
             "since": self.since,
@@ -150,9 +159,13 @@ class DiskState:
 class DiskWatch:
     """Samples free space of the filesystem holding ``directory`` (cheap: one statvfs)."""
 
-    def __init__(self, directory: Path, setting: str | int) -> None:
+    def __init__(self, directory: Path, setting: str | int, wal: Path | None = None) -> None:
         self.directory = directory
         self.setting = setting
+        self.wal = wal
+        """The outbox's WAL file, if any (its size counts toward the floor)."""
+        self.floor: int | None = None
+        """The floor in bytes (None: a quarter of the reserve)."""
         self.reusable = 0
         """Free bytes inside the outbox file, as last read (the outbox keeps it current)."""
         self.sampled_at = 0.0
@@ -168,8 +181,14 @@ class DiskWatch:
         if self._reserve[0] != total:
             self._reserve = (total, reserve_bytes(self.setting, total))
         free, reserve = st.f_bavail * st.f_frsize, self._reserve[1]
+        wal = 0
+        if self.wal is not None:
+            with contextlib.suppress(FileNotFoundError):
+                wal = self.wal.stat().st_size
+        floor = reserve // 4 if self.floor is None else self.floor
         old: DiskState | None = getattr(self, "state", None)
-        state = DiskState(free, total, self.reusable, reserve, 0.0 if old is None else old.since)
+        since = 0.0 if old is None else old.since
+        state = DiskState(free, total, self.reusable, reserve, since, wal, floor)
         if old is None or state.low != old.low:
             state = replace(state, since=time.time())
         self.state = state

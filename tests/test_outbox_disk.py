@@ -51,8 +51,10 @@ def test_reserve_sizes() -> None:
 def test_low_counts_reusable_pages_but_keeps_half_the_reserve_free() -> None:
     assert not DiskState(MiB, 4 * MiB, 0, MiB, 0).low
     assert DiskState(MiB - 1, 4 * MiB, 0, MiB, 0).low
-    assert not DiskState(MiB // 2, 4 * MiB, MiB // 2, MiB, 0).low  # pages to reuse
-    assert DiskState(MiB // 2 - 1, 4 * MiB, 4 * MiB, MiB, 0).low  # but WAL room first
+    floor = MiB // 4  # the WAL's working size
+    assert not DiskState(MiB // 2, 4 * MiB, MiB // 2, MiB, 0, 0, floor).low  # pages to reuse
+    assert not DiskState(MiB // 8, 4 * MiB, 4 * MiB, MiB, 0, MiB // 8, floor).low  # WAL reused
+    assert DiskState(MiB // 8, 4 * MiB, 4 * MiB, MiB, 0, MiB // 8 - 1, floor).low  # WAL room
     assert not DiskState(0, 4 * MiB, 0, 0, 0).low  # reserve off
     state = DiskState(64 << 10, 4 * MiB, 8192, MiB, 0)
     assert (
@@ -154,3 +156,33 @@ async def test_a_commit_on_a_full_disk_fails_cleanly(disk: Path) -> None:
         assert len(await box.lease(1000, 64 << 20)) == left + 200
         stats = await box.stats()
         assert not stats.write_failing
+
+
+async def test_pages_freed_inside_the_file_let_appends_through_on_a_nearly_full_disk(
+    tmp_path: Path,
+) -> None:
+    """Delivered records left 3 MB of free pages in the file, then the disk filled from
+    outside to 800 KiB free: below the 2 MiB reserve, but with the free pages there is
+    room, and the WAL's working size (512 KiB) is free. Appends go on. (A floor at half
+    the reserve, 1 MiB of real free space, held them forever.)"""
+    with small_tmpfs(tmp_path / "disk8", "8m") as disk:
+        async with Outbox(disk / "outbox.db", disk_reserve="2MiB") as box:
+            for n in range(0, 1500, 50):
+                await box.append([reading("p", n + i, pad=2000) for i in range(50)])
+            while leased := await box.lease(200, 8 << 20):
+                await box.ack([x.seq for x in leased])
+            filler = fill(disk, leave=800 << 10)
+            await wait_for(
+                lambda: box._disk is not None and box._disk.state.free_bytes < MiB,
+                what="the outbox saw the disk fill",
+            )
+            append = asyncio.create_task(
+                box.append([reading("q", i, pad=2000) for i in range(50)])
+            )
+            result = await asyncio.wait_for(append, 30)
+            assert result.stored == 50
+            stats = await box.stats()
+            assert stats.disk is not None
+            assert stats.disk.reusable_bytes > 2 * MiB
+            assert stats.disk.free_bytes < MiB
+            filler.unlink()
