@@ -605,10 +605,19 @@ class Reconciler:
             mapping.check_columns(self.source.name, spec.name, self.entity.columns, rows[0])
         leave_out = mapping.remote_columns(fmap, rows[0]) if rows else None
         out: list[tuple[str | None, Row, tuple[Any, ...] | None, Exception | None]] = []
+        mapper, plain = spec.mapper, fmap is None  # no field mappings: inline mapping.apply
         for row in rows:
             try:
-                rid, data, op, mod = spec.mapper(row, ctx)
-                data, custom, remote = mapping.apply(fmap, data, row, leave_out)
+                rid, data, op, mod = mapper(row, ctx)
+                if plain:
+                    custom: dict[str, Any] = {}
+                    remote = None
+                    if leave_out is not None:
+                        remote = row.copy()
+                        for key in leave_out:
+                            del remote[key]
+                else:
+                    data, custom, remote = mapping.apply(fmap, data, row, leave_out)
                 out.append((rid, row, (data, op, mod, custom, remote), None))
             except Exception as exc:  # quarantined; the key still counts as present
                 out.append((self._rid_of(row), row, None, exc))
