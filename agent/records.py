@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import ipaddress
 import os
 import uuid
 from collections.abc import Callable, Sequence
@@ -101,6 +102,32 @@ def retention_class(entity_type: EntityType) -> RetentionClass:
     return RetentionClass.READING if entity_type in READING_TYPES else RetentionClass.BUSINESS
 
 
+_ADDRESSES = (
+    ipaddress.IPv4Address,
+    ipaddress.IPv6Address,
+    ipaddress.IPv4Network,
+    ipaddress.IPv6Network,
+    ipaddress.IPv4Interface,
+    ipaddress.IPv6Interface,
+)
+
+
+def iso_duration(value: timedelta) -> str:
+    """``value`` as an ISO 8601 duration: ``P1DT2H3M4.5S``, ``-PT30S``, ``PT0S``."""
+    micros = (value.days * 86400 + value.seconds) * 1_000_000 + value.microseconds
+    sign, micros = ("-", -micros) if micros < 0 else ("", micros)
+    days, rest = divmod(micros, 86_400_000_000)
+    hours, rest = divmod(rest, 3_600_000_000)
+    minutes, rest = divmod(rest, 60_000_000)
+    seconds, frac = divmod(rest, 1_000_000)
+    time = "".join(f"{n}{unit}" for n, unit in ((hours, "H"), (minutes, "M")) if n) + (
+        f"{seconds}.{frac:06d}".rstrip("0") + "S" if frac else f"{seconds}S" if seconds else ""
+    )
+    if not days and not time:
+        return "PT0S"
+    return f"{sign}P{f'{days}D' if days else ''}{f'T{time}' if time else ''}"
+
+
 def _default(value: Any) -> Any:
     if isinstance(value, Decimal):
         # Exact decimal text: SAP quantities and amounts must not pick up float noise.
@@ -109,6 +136,11 @@ def _default(value: Any) -> Any:
         return value.hex()
     if isinstance(value, set | frozenset):
         return sorted(value)
+    if isinstance(value, timedelta):
+        # A database interval (PostgreSQL ``interval``, MySQL ``TIME`` as a duration).
+        return iso_duration(value)
+    if isinstance(value, _ADDRESSES):
+        return str(value)  # PostgreSQL inet/cidr
     raise TypeError(f"value of type {type(value).__name__} is not JSON serializable")
 
 

@@ -15,6 +15,7 @@ from agent import config as cfg
 from agent.errors import ConfigError
 from agent.outbox import Outbox
 from agent.sources.sql import SqlSourceConfig
+from agent.sources.sql.profiles.declarative import remote_id_of
 from tests.helpers.cancel import assert_stops_after_swallowed_cancel, swallowing
 from tests.sql.conftest import Backend, latest, make_source, outbox_records
 
@@ -257,3 +258,89 @@ async def test_a_stop_swallowed_inside_a_fetch_still_stops_the_sync(
         await asyncio.gather(task, return_exceptions=True)
         await source.aclose()
     assert calls < 10, f"{calls} fetches: the sync read on after its stop"
+
+
+def quarantined(box: Outbox) -> list[tuple[str, str]]:
+    """(reason, detail) of every quarantined input."""
+    con = sqlite3.connect(box.path)
+    try:
+        return [(r, str(d)) for r, d in con.execute("SELECT reason, context FROM quarantine")]
+    finally:
+        con.close()
+
+
+async def test_rows_without_a_key_are_counted_not_merged(tmp_path: Path, outbox: Outbox):
+    """A NULL or blank key is no identity: such rows once all became one entity ``"None"``
+    (or ``""``) upstream, each overwriting the last, and a NULL key at a chunk's end
+    stopped the entity's sync for good (keyset paging cannot pass a NULL). Now a blank key
+    is quarantined with the column named, NULL keys are left out of the feed and counted
+    in sync status with a warning, and the keyed rows beside them flow on."""
+    at = NOW.isoformat(sep=" ")
+    rows = [wo_row(i, NOW) for i in range(3)]
+    rows += [(None, "no key", "OPEN", "P", "C", 0, at)] * 2
+    rows += [("   ", "blank key", "OPEN", "P", "C", 0, at)]
+    path = tmp_path / "cmms.db"
+    con = sqlite3.connect(path)  # no PRIMARY KEY: a CMMS view can hold any of these
+    con.execute(
+        "CREATE TABLE wo (wonum TEXT, descr TEXT, status TEXT, equip TEXT, zz_contract TEXT, "
+        "deleted INTEGER DEFAULT 0, changed_at TIMESTAMP)"
+    )
+    con.executemany("INSERT INTO wo VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+    con.commit()
+    con.close()
+    url = f"sqlite+aiosqlite:///file:{path}?mode=ro&uri=true"
+    source = make_source(cmms_config(url, chunk_size=2), name="cmms")
+    try:
+        await source.sync_once(outbox)
+        status = source.entities["work_orders"].status()
+    finally:
+        await source.aclose()
+    assert sorted(latest(outbox, "work_order")) == ["WO-0000", "WO-0001", "WO-0002"]
+    assert status["rows_without_key"] == 2, status
+    bad = quarantined(outbox)
+    assert len(bad) == 1, bad
+    assert "'wonum' is blank" in bad[0][1], bad
+
+
+def test_a_composite_key_with_a_null_part_names_it() -> None:
+    assert remote_id_of(["1000", 7, "A  "]) == "1000/7/A"
+    with pytest.raises(ValueError, match="key column 'site' is NULL"):
+        remote_id_of(["WO-1", None], ["wonum", "site"])
+
+
+async def test_interval_columns_are_delivered_as_iso_durations(backend: Backend, outbox: Outbox):
+    """PostgreSQL ``interval`` and MariaDB ``TIME`` arrive as Python timedeltas; they used to
+    fail every row that held one (not JSON serializable)."""
+    table = f"wo_iv_{backend.schema or 'x'}"
+    kind = "INTERVAL" if backend.name == "postgresql" else "TIME"
+    async with backend.engine.begin() as conn:
+        if backend.schema:
+            await conn.execute(text(f'SET search_path TO "{backend.schema}"'))
+        await conn.execute(
+            text(
+                f"CREATE TABLE {table} (wonum VARCHAR(20) PRIMARY KEY, descr VARCHAR(80), "
+                f"status VARCHAR(10), equip VARCHAR(20), downtime {kind}, "
+                "changed_at TIMESTAMP(6) NULL)"
+            )
+        )
+        await conn.execute(
+            text(f"INSERT INTO {table} VALUES ('WO-1', 'job', 'OPEN', 'P', '26:30:05', :c)"),
+            {"c": NOW},
+        )
+    qualified = f"{backend.schema}.{table}" if backend.schema else table
+    config = cmms_config(backend.url)
+    ent = config.entities["work_orders"].model_copy(
+        update={
+            "table": qualified,
+            "fields": {"title": "descr", "downtime": "downtime"},
+            "deleted_when": {},
+        }
+    )
+    source = make_source(config.model_copy(update={"entities": {"work_orders": ent}}))
+    try:
+        await source.sync_once(outbox)
+    finally:
+        await source.aclose()
+    assert quarantined(outbox) == []
+    rec = latest(outbox, "work_order")["WO-1"]
+    assert rec["data"]["downtime"] == "P1DT2H30M5S"

@@ -97,6 +97,10 @@ class EntitySpec:
     remote_id: Callable[[Sequence[Any]], str]
     """Identity column values -> ``remote_id`` (the same the mapper gives)."""
     enrich: Enricher | None = None
+    unkeyed: Select[Any] | None = None
+    """``SELECT count(*)`` of the rows the feeds leave out because a key column is NULL
+    (declarative entities over views: such a row has no identity, and keyset paging
+    cannot pass it). Counted and reported by the sync, never read as records."""
     precision: Precision = "second"
     system: str = "sql"
     extra: dict[str, Any] = field(default_factory=dict)

@@ -89,6 +89,9 @@ class SyncState:
     last_reconcile_at: float | None = None
     reconcile_deletes: int = 0
     known_keys: int | None = None
+    rows_without_key: int | None = None
+    """Rows the feeds leave out because a key column is NULL (last count; None: not
+    counted, the profile's keys cannot be NULL)."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready view (times as RFC 3339)."""
@@ -98,6 +101,7 @@ class SyncState:
             "last_started_at": _iso(self.last_started_at),
             "next_scheduled_at": _iso(self.next_scheduled_at),
             "full": self.full,
+            "rows_without_key": self.rows_without_key,
             "progress": {
                 "rows": self.rows,
                 "stored": self.stored,
@@ -113,6 +117,7 @@ class SyncState:
 
 
 _WIDTH_SAMPLES = 64
+UNKEYED_EVERY = 3600.0  # seconds between counts of rows left out for a NULL key
 _VALUE_BYTES = 16  # what a number, date or NULL costs beside text and binary values
 
 
@@ -142,6 +147,7 @@ class EntitySync:
         self.marks: dict[str, Watermark | None] = {f.name: None for f in spec.feeds}
         self._widths: dict[str, int] = {}  # feed: bytes of its widest row in the last chunk
         self.state = SyncState()
+        self._unkeyed_due = 0.0  # monotonic time of the next NULL-key count
         self.reconciler = Reconciler(self)
         self.columns = mapping.mapped_columns(
             spec.name, spec.extra.get("columns", {}), self.mapping
@@ -202,6 +208,7 @@ class EntitySync:
                 await self._run_feed(out, feed, full and not reconcile)
             if reconcile:
                 await self.reconciler.run_pass(out, fresh=True, full=True)
+            await self._count_unkeyed(full)
             st.last_successful_sync_at = time.time()
             await out.append((), cursor=self._cursor())
         except BaseException as exc:
@@ -218,6 +225,26 @@ class EntitySync:
             unchanged=st.unchanged,
             quarantined=st.quarantined,
         )
+
+    async def _count_unkeyed(self, full: bool) -> None:
+        """Count the rows left out for a NULL key: at the first pass after a start, at a
+        full sync, and at most hourly otherwise (a count over a view can be a scan)."""
+        query, st = self.spec.unkeyed, self.state
+        now = time.monotonic()
+        if query is None or not (full or now >= self._unkeyed_due):
+            return
+        self._unkeyed_due = now + UNKEYED_EVERY
+        rows = await self.source.db.fetch(query)
+        st.rows_without_key = int(next(iter(rows[0].values()))) if rows else 0
+        if st.rows_without_key:
+            log.warning(
+                "sql_rows_without_key",
+                source=self.source.name,
+                entity=self.spec.name,
+                rows=st.rows_without_key,
+                detail="rows whose key column is NULL have no identity and are not read; "
+                "give them a key or filter them out in the entity's query",
+            )
 
     def _start(self, feed: Feed, full: bool) -> Watermark:
         mark = self.marks.get(feed.name)

@@ -13,12 +13,12 @@ Example (a Mechanic's Mate / MP2 style work order table)::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import FromClause, column, select, text
+from sqlalchemy import FromClause, column, func, or_, select, text
 
 from agent.records import Op
 from agent.sources.sql.config import ChildConfig, EntityConfig, SqlSourceConfig
@@ -30,9 +30,23 @@ from agent.sources.sql.profiles.children import with_children
 _UTC_ZONE = ZoneInfo("UTC")
 
 
-def remote_id_of(values: Any) -> str:
-    """Key values -> ``remote_id`` (strings keep their zero padding; ``/`` between parts)."""
-    return "/".join(str(v).rstrip() if isinstance(v, str) else str(v) for v in values)
+def remote_id_of(values: Any, names: Sequence[str] = ()) -> str:
+    """Key values -> ``remote_id`` (strings keep their zero padding; ``/`` between parts).
+
+    A NULL or blank key part raises (the row is quarantined with the reason): such rows
+    have no identity, and as ``"None"`` or ``""`` they would all collapse into one entity
+    upstream, each overwriting the last.
+    """
+    parts: list[str] = []
+    for i, v in enumerate(values):
+        text = v.rstrip() if isinstance(v, str) else "" if v is None else str(v)
+        if not text:
+            what = f"key column {names[i]!r}" if i < len(names) else f"key part {i + 1}"
+            raise ValueError(
+                f"{what} is {'NULL' if v is None else 'blank'}: the row has no identity"
+            )
+        parts.append(text)
+    return "/".join(parts)
 
 
 def as_utc(value: Any, tz: ZoneInfo) -> datetime | None:
@@ -79,7 +93,10 @@ def _entity(name: str, ent: EntityConfig, tz: ZoneInfo) -> EntitySpec:
     mod, keys = q.c[ent.cursor], tuple(q.c[k] for k in ent.key)
     base, child_feeds = with_children(
         ent.children, parent_from=q, parent=lambda c: q.c[c], cols=[text("q.*")],
-        where=[mod.is_not(None)], keys=keys, child_from=_child,
+        # A row with a NULL key has no identity and cannot be keyset-paged past: left
+        # out, counted by the sync (EntitySpec.unkeyed) and reported.
+        where=[mod.is_not(None), *(k.is_not(None) for k in keys)], keys=keys,
+        child_from=_child,
     )  # fmt: skip
     feed = Feed("main", base, mod, keys, ent.cursor_kind, ent.overlap)
     deleted = {k: str(v) for k, v in ent.deleted_when.items()}
@@ -117,9 +134,11 @@ def _entity(name: str, ent: EntityConfig, tz: ZoneInfo) -> EntitySpec:
         gone = bool(gone_when) and any(n and str(_clean(get(n))) == v for v, n in gone_when)
         if len(key) == 1:
             k = get(key[0][1])
-            remote_id = k.rstrip() if isinstance(k, str) else str(k)
+            remote_id = k.rstrip() if k.__class__ is str else "" if k is None else str(k)
+            if not remote_id:
+                remote_id_of([k], [key[0][0]])  # raises, naming the column
         else:
-            remote_id = remote_id_of([get(n) if n else None for _, n in key])
+            remote_id = remote_id_of([get(n) if n else None for _, n in key], [k for k, _ in key])
         return Mapped(
             remote_id,
             data,
@@ -135,6 +154,7 @@ def _entity(name: str, ent: EntityConfig, tz: ZoneInfo) -> EntitySpec:
         key_select=select(*keys).select_from(q),
         mapper=mapper,
         remote_id=remote_id_of,
+        unkeyed=select(func.count()).select_from(q).where(or_(*(k.is_(None) for k in keys))),
         precision=ent.modified_precision,
         system="sql",
         # Checked against the first row of every chunk (sync) and by check-config
