@@ -103,6 +103,10 @@ class TestOutput:
         err = error if error is not None else OutboxWriteError("simulated: disk full")
         self._faults.append(_Fault(err, at, when, after_commit))
 
+    def fault_spent(self) -> bool:
+        """Whether every :meth:`fail` set up so far has struck."""
+        return not self._faults
+
     # ------------------------------------------------------------------ Output
 
     async def append(
