@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from tests.helpers.mosquitto import Mosquitto, have_mosquitto
 
@@ -21,3 +23,20 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture(autouse=True)
+def _logging_config_restored() -> Iterator[None]:
+    """Put structlog's and the root logger's configuration back after each test.
+
+    A test that runs a CLI command in-process (``main(["tap", ...])``) configures logging
+    for that command (level ``error``): without this, every later test's
+    ``capture_logs()`` would miss warnings, filtered before its processors see them.
+    """
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)
