@@ -132,6 +132,7 @@ class AgentCollector(Collector):
                 c.add_metric([source, reason], n)
         yield c
         yield from self._disk(box.get("disk"))
+        yield from self._horizon(box.get("horizon"))
         c = CounterMetricFamily(
             "edge_agent_outbox_write_errors",
             "Failed outbox commits",
@@ -167,6 +168,43 @@ class AgentCollector(Collector):
             "1 while the disk is below the reserve (appends wait)",
             value=1 if disk["low"] else 0,
         )
+
+    @staticmethod
+    def _horizon(ahead: dict[str, Any] | None) -> Iterator[Metric]:
+        """The buffer horizon (agent.horizon): no sample while it is still measuring (an
+        alert on a low horizon must not fire on a guess), +Inf while nothing comes in."""
+        if ahead is None:
+            return
+        measuring = ahead["state"] == "measuring"
+        yield GaugeMetricFamily(
+            "edge_agent_buffer_horizon_measuring",
+            "1 while the buffer horizon has too little ingest history (after a start)",
+            value=1 if measuring else 0,
+        )
+        total = GaugeMetricFamily(
+            "edge_agent_buffer_horizon_seconds",
+            "Seconds the outbox can buffer at the last hour's ingest rate before it "
+            "blocks or drops",
+        )
+        per_class = GaugeMetricFamily(
+            "edge_agent_buffer_horizon_class_seconds",
+            "Buffer horizon of one retention class",
+            labels=["class", "then"],
+        )
+        rate = GaugeMetricFamily(
+            "edge_agent_outbox_ingest_bytes_per_second",
+            "Record bytes appended per second, averaged over the last hour",
+            labels=["class"],
+        )
+        inf = float("inf")
+        if not measuring:
+            total.add_metric([], inf if ahead["seconds"] is None else ahead["seconds"])
+        for cls, h in ahead["classes"].items():
+            if not measuring:
+                seconds = inf if h["seconds"] is None else h["seconds"]
+                per_class.add_metric([cls, h["then"]], seconds)
+            rate.add_metric([cls], h["bytes_per_second"])
+        yield from (total, per_class, rate)
 
     @staticmethod
     def _states(components: Sequence[Component] = ()) -> Iterator[Metric]:

@@ -28,7 +28,10 @@ from agent.backoff import Backoff
 from agent.errors import ConfigError
 from agent.forwarder import Forwarder
 from agent.health import Component, Kind, RestartLog, State, Tracker, supervised
-from agent.outbox import AppendResult, Outbox
+from agent.horizon import Horizon
+from agent.horizon import describe as describe_horizon
+from agent.horizon import horizon as buffer_horizon
+from agent.outbox import AppendResult, Outbox, OutboxStats
 from agent.pipeline import run_source
 from agent.records import builder_implementation
 from agent.sources.base import Source, SourceConfig, SourceContext
@@ -465,6 +468,19 @@ class Agent:
             self.outbox.health(),
         ]
 
+    def horizon(self, stats: OutboxStats) -> Horizon:
+        """The buffer horizon now (agent.horizon), from ``stats`` and the outbox's flow."""
+        box = self.outbox
+        return buffer_horizon(
+            box.flow,
+            max_bytes=box.max_bytes,
+            used=stats.bytes,
+            when_full=box.when_full,
+            readings_max_age=box.readings_max_age,
+            oldest_reading_age=stats.oldest_reading_age_seconds,
+            min_sample=self.settings.api.horizon_min_sample,
+        )
+
     async def status(self) -> dict[str, Any]:
         """Everything /v1/status shows (never a secret); see :meth:`snapshot`."""
         return (await self.snapshot()).status
@@ -475,10 +491,15 @@ class Agent:
         /v1/status shows, ``readiness`` included, and /metrics reads)."""
         components = self.components()
         stats = await self.outbox.stats()
+        api = self.settings.api
+        ahead = self.horizon(stats)
         judged = health.readiness(
             components,
             oldest_age=stats.oldest_age_seconds,
-            max_oldest_age=self.settings.api.ready_max_oldest_age,
+            max_oldest_age=api.ready_max_oldest_age,
+            horizon=None if ahead.measuring else ahead.seconds,
+            horizon_warn=api.horizon_warn,
+            horizon_text=describe_horizon(ahead),
         )
         by_name = {c.name: c for c in components if c.kind is Kind.SOURCE}
         outbox = components[-1]
@@ -489,7 +510,13 @@ class Agent:
             "uptime_seconds": round(time.time() - self.started_at, 1),
             "readiness": judged.as_dict(),
             "sources": {n: s.status(by_name[n]) for n, s in self.slots.items()},
-            "outbox": {**stats.as_dict(), **outbox.health.as_dict()},
+            "outbox": {
+                **stats.as_dict(),
+                **outbox.health.as_dict(),
+                "when_full": self.outbox.when_full,
+                "horizon": ahead.as_dict(),
+            },
+            "flow": self.outbox.flow.sparklines(),
             "upstream": self.forwarder.status(),
             "reload": {
                 "at": self.reload_status.at,

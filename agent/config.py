@@ -85,6 +85,13 @@ class ApiSection(Section):
     it is ``failed`` and /readyz not ready, even while it runs between two crashes."""
     ready_crash_loop_window: PositiveDuration = 600.0
     """The window of ``ready_crash_loop_restarts``."""
+    horizon_warn: PositiveDuration = 86400.0
+    """/readyz warns (it stays ready) while the buffer horizon - how long the outbox can
+    buffer through an upstream outage at the ingest rate of the last hour before it must
+    block or drop - is shorter than this. Default one day."""
+    horizon_min_sample: PositiveDuration = 600.0
+    """The buffer horizon says ``measuring`` (and /readyz does not warn) until this much
+    of the ingest rate is measured since start (the rates are kept in memory only)."""
     require_token_for_reads: bool = False
     """Reads (``/readyz``, ``/v1/status``, ``/v1/sync-status``, ``/metrics``) need the
     bearer token too; ``/healthz`` stays open for liveness probes (it tells nothing but

@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from agent.configtypes import format_duration, secret_value
 from agent.health import State
+from agent.horizon import duration as rough_duration
 from agent.outbox_disk import format_bytes
 
 EXIT_OK = 0
@@ -281,6 +282,8 @@ def _outbox_lines(box: dict[str, Any]) -> list[str]:
         "          dropped "
         + (", ".join(f"{r} {n:,}" for r, n in sorted(dropped.items())) if dropped else "none"),
     ]
+    if ahead := box.get("horizon"):
+        out.append(f"          buffer horizon {_horizon_text(ahead)}")
     if disk := box.get("disk"):
         low = "  LOW: appends wait" if disk.get("low") else ""
         out.append(
@@ -293,6 +296,20 @@ def _outbox_lines(box: dict[str, Any]) -> list[str]:
     if box.get("recovered_from"):
         out.append(f"          recovered from a corrupt outbox: {box['recovered_from']}")
     return out
+
+
+def _horizon_text(ahead: dict[str, Any]) -> str:
+    """``about 9 days at the current rate, then ... (business 12 days, readings 9 days)``."""
+    text = str(ahead.get("text") or "-")
+    if ahead.get("state") == "measuring":
+        return text
+    names = {"business": "business", "reading": "readings"}
+    per = [
+        f"{names.get(cls, cls)} {rough_duration(h['seconds'])}, {h['then']}"
+        for cls, h in (ahead.get("classes") or {}).items()
+        if isinstance(h, dict) and h.get("seconds") is not None
+    ]
+    return f"{text} ({'; '.join(per)})" if per else text
 
 
 # ---------------------------------------------------------------------------- sync

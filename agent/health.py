@@ -252,9 +252,14 @@ def readiness(
     *,
     oldest_age: float | None = None,
     max_oldest_age: float | None = None,
+    horizon: float | None = None,
+    horizon_warn: float | None = None,
+    horizon_text: str = "",
 ) -> Readiness:
     """THE readiness decision: every component by :func:`judge`, then the delivery
-    objective (the oldest undelivered record no older than ``max_oldest_age``)."""
+    objective (the oldest undelivered record no older than ``max_oldest_age``), then the
+    buffer horizon (``horizon`` seconds, None while measuring or unlimited: a warning
+    below ``horizon_warn``, never not ready: nothing is lost yet)."""
     reasons: list[str] = []
     warnings: list[str] = []
     for component in components:
@@ -266,6 +271,11 @@ def readiness(
     if oldest_age is not None and max_oldest_age is not None and oldest_age > max_oldest_age:
         reasons.append(
             f"oldest undelivered record is {oldest_age:.0f}s old (limit {max_oldest_age:.0f}s)"
+        )
+    if horizon is not None and horizon_warn is not None and horizon < horizon_warn:
+        warnings.append(
+            f"buffer horizon is {horizon_text or f'{horizon:.0f}s'} "
+            f"(warn below {horizon_warn:.0f}s)"
         )
     return Readiness(not reasons, reasons, warnings)
 

@@ -53,6 +53,7 @@ from agent import records as records_module
 from agent.configtypes import ByteSize, PositiveDuration, Section
 from agent.errors import OutboxWriteError
 from agent.health import DISK_LOW, Component, Kind, State, Tracker
+from agent.horizon import Flow
 from agent.outbox_disk import DiskReserve, DiskState, DiskWatch, parse_reserve
 from agent.records import (
     EntityType,
@@ -173,11 +174,13 @@ _PRAGMAS = (
 class _Tx:
     """One write transaction on the writer thread, and its row/byte changes per class."""
 
-    __slots__ = ("con", "delta")
+    __slots__ = ("added", "con", "delta")
 
     def __init__(self, con: sqlite3.Connection) -> None:
         self.con = con
         self.delta: dict[str, list[int]] = {}
+        self.added: dict[str, list[int]] = {}
+        """Rows and bytes appended per class (the ingest the buffer horizon measures)."""
 
     def count(self, cls: str, rows: int, size: int) -> None:
         """Record a change of the ``totals`` of ``cls``."""
@@ -312,6 +315,8 @@ class OutboxStats:
     """Free space on the outbox's filesystem and the reserve (None: reserve off)."""
     disk_blocked_appends: int = 0
     """Appends waiting because the disk is below the reserve."""
+    oldest_reading_age_seconds: float | None = None
+    """Age of the oldest undelivered meter reading or event (``readings_max_age``)."""
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready view."""
@@ -322,6 +327,7 @@ class OutboxStats:
             "total_bytes": sum(self.bytes.values()),
             "max_bytes": self.max_bytes,
             "oldest_age_seconds": self.oldest_age_seconds,
+            "oldest_reading_age_seconds": self.oldest_reading_age_seconds,
             "dead_letters": self.dead_letters,
             "quarantined": self.quarantined,
             "dropped": {
@@ -492,6 +498,8 @@ class Outbox:
         self._last_write_error: str | None = None
         self._write_failing = False
         self._tracker = Tracker(State.OK)
+        self.flow = Flow()
+        """Ingest and delivery per minute, the last hour (the buffer horizon's rates)."""
         self.recovered_from: str | None = None
         self.epoch = ""
         """The file's epoch: the ``prev`` of every entity's first version (see module doc)."""
@@ -908,17 +916,20 @@ class Outbox:
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self._executor, self._run_tx, fn, args)
 
-        def mirror(done: asyncio.Future[tuple[Any, dict[str, list[int]]]]) -> None:
+        def mirror(done: asyncio.Future[tuple[Any, _Tx]]) -> None:
             if not done.cancelled() and done.exception() is None:
-                for cls, (rows, size) in done.result()[1].items():
+                tx = done.result()[1]
+                for cls, (rows, size) in tx.delta.items():
                     self._rows[cls] += rows
                     self._bytes[cls] += size
+                if tx.added:
+                    self.flow.ingested(tx.added)
 
         fut.add_done_callback(mirror)
         result, _ = await asyncio.shield(fut)
         return result
 
-    def _run_tx(self, fn: Any, args: tuple[Any, ...]) -> tuple[Any, dict[str, list[int]]]:
+    def _run_tx(self, fn: Any, args: tuple[Any, ...]) -> tuple[Any, _Tx]:
         con = self._wcon
         assert con is not None
         tx = _Tx(con)
@@ -938,7 +949,7 @@ class Outbox:
             if con.in_transaction:
                 self._reopen_writer()
             raise
-        return result, tx.delta
+        return result, tx
 
     def _reopen_writer(self) -> None:
         """Replace a writer connection stuck in a transaction (writer thread)."""
@@ -982,7 +993,8 @@ class Outbox:
             self._make_room(tx, group, incoming, leased)
         rows = [r for item in group for r in item.rows]
         if rows:
-            for cls, (n, size) in _insert_records(tx.con, rows).items():
+            tx.added = _insert_records(tx.con, rows)
+            for cls, (n, size) in tx.added.items():
                 tx.count(cls, n, size)
         for item in group:
             item.result.stored = len(item.rows)
@@ -1258,9 +1270,11 @@ class Outbox:
         if not seqs:
             return 0
         try:
-            return int(await self._write(self._delete_counted, list(seqs), None))
+            done = int(await self._write(self._delete_counted, list(seqs), None))
         finally:
             self.release(seqs)
+        self.flow.delivered(done)
+        return done
 
     async def reject(self, items: Sequence[tuple[int, str]]) -> int:
         """Move records to the dead-letter table with their reasons."""
@@ -1369,6 +1383,10 @@ class Outbox:
         db = self._rdb
         async with db.execute("SELECT created_at FROM records ORDER BY seq LIMIT 1") as cur:
             oldest = await cur.fetchone()
+        async with db.execute(  # the partial index records_readings: one row
+            "SELECT created_at FROM records WHERE class = 'reading' ORDER BY seq LIMIT 1"
+        ) as cur:
+            oldest_reading = await cur.fetchone()
         async with db.execute("SELECT COUNT(*) FROM dead_letters") as cur:
             dead = (await cur.fetchone() or (0,))[0]
         async with db.execute("SELECT COUNT(*) FROM quarantine") as cur:
@@ -1381,6 +1399,9 @@ class Outbox:
             bytes=dict(self._bytes),
             max_bytes=self.max_bytes,
             oldest_age_seconds=None if oldest is None else max(0.0, time.time() - oldest[0]),
+            oldest_reading_age_seconds=None
+            if oldest_reading is None
+            else max(0.0, time.time() - oldest_reading[0]),
             dead_letters=dead,
             quarantined=quarantined,
             counters=counters,

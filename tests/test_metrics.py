@@ -47,6 +47,7 @@ CANNOT_MOVE = {
     "edge_agent_outbox_oldest_age_seconds": "0 once everything is delivered",
     "edge_agent_outbox_rows": "0 once everything is delivered",
     "edge_agent_outbox_bytes": "0 once everything is delivered",
+    "edge_agent_buffer_horizon_measuring": "0 once api.horizon_min_sample is measured",
 }
 
 
@@ -121,6 +122,7 @@ async def test_every_documented_metric_exists_and_moves(tmp_path: Path) -> None:
                         "read_timeout": "1s",
                     },
                     sources=sources(tmp_path, broker.port, modbus.port),
+                    api={"horizon_min_sample": "1s"},  # the horizon families, known
                 )
                 async with running_agent(settings) as agent:
                     await moved(agent, broker.port, tmp_path / "cmms.db")
