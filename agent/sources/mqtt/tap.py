@@ -31,7 +31,7 @@ from agent.sources.base import SourceContext, Tapped, TapRequest
 from agent.sources.mqtt.client import Connection
 from agent.sources.mqtt.config import MqttConfig
 from agent.sources.mqtt.mapping import Mapper, Outcome, _preview
-from agent.sources.mqtt.source import MqttSource, tls_context
+from agent.sources.mqtt.source import MqttSource, _code, tls_context
 
 CLIENT_ID_MAX = 128  # what the config allows for the service's id
 
@@ -143,7 +143,3 @@ async def _take(
             yield record
         if outcome.quarantine is not None:
             yield outcome.quarantine
-
-
-def _code(value: Any) -> int:
-    return int(getattr(value, "value", value))
