@@ -339,6 +339,15 @@ def across_sources(settings: Settings) -> list[tuple[str, str]]:
                         f"{unique.why}; give each source its own",
                     )
                 )
+    for key, unique in settings.upstream.unique_keys().items():
+        if unique.identity in owners:
+            problems.append(
+                (
+                    f"upstream.{key}",
+                    f"{key} {unique.shown} is also used by source "
+                    f"{owners[unique.identity]!r}: {unique.why}; give the upstream its own",
+                )
+            )
     return problems
 
 

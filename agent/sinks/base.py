@@ -37,10 +37,12 @@ from pydantic import ValidationInfo, field_validator
 from agent.configtypes import ByteSize, Duration, PositiveDuration, Section, at_least
 from agent.health import Health, State, Tracker
 from agent.outbox import Leased
+from agent.sources.base import UniqueKey
 
 SINKS: dict[str, str] = {
     # upstream.type: module defining ``plugin``
     "http": "agent.sinks.http",
+    "mqtt": "agent.sinks.mqtt",
 }
 """Every sink type and the module that implements it (loaded when first asked for)."""
 
@@ -73,6 +75,10 @@ class UpstreamConfig(Section):
     def target(self) -> str:
         """Where records go, for messages and status (never a credential)."""
         return self.type
+
+    def unique_keys(self) -> dict[str, UniqueKey]:
+        """Settings no enabled source may share with this sink (an MQTT client id)."""
+        return {}
 
     @field_validator("backoff_cap")
     @classmethod

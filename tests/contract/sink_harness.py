@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from agent.receiver import Receiver, Store
+from tests.contract.mqtt_sink_peer import MqttPeer
 
 
 class SinkHarness(abc.ABC):
@@ -21,6 +22,15 @@ class SinkHarness(abc.ABC):
 
     type: ClassVar[str]
     """The registered sink type (``upstream.type``) this harness drives."""
+    knows_duplicates: ClassVar[bool] = True
+    """The peer tells a record it had already (HTTP, JetStream). MQTT cannot: a record
+    sent again is accepted again (consumers dedupe by id)."""
+    transient_detail: ClassVar[bool] = True
+    """A transient failure carries a status and a delay (HTTP 503 + Retry-After). A lost
+    MQTT connection carries neither."""
+    limits_batches: ClassVar[bool] = True
+    """``limit_batch`` makes the peer refuse large batches as too large. The MQTT sink
+    sizes its messages itself (``max_message_bytes``): tests/test_mqtt_sink.py."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -126,7 +136,55 @@ class HttpHarness(SinkHarness):
         await self.rx.start()
 
 
+class MqttHarness(SinkHarness):
+    """mosquitto behind a proxy, with a subscriber (tests/contract/mqtt_sink_peer.py)."""
+
+    type = "mqtt"
+    knows_duplicates = False
+    transient_detail = False
+    limits_batches = False
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.peer = MqttPeer(workdir)
+
+    async def start(self) -> None:
+        await self.peer.start()
+
+    async def stop(self) -> None:
+        await self.peer.stop()
+
+    def table(self, **over: Any) -> dict[str, Any]:
+        return self.peer.table(**over)
+
+    def stored_ids(self) -> set[str]:
+        return self.peer.stored_ids()
+
+    async def reject(self, pattern: str) -> None:
+        await self.peer.reject(pattern)
+
+    async def fail_next(self, retry_after: int) -> None:
+        del retry_after  # MQTT has no way to ask for a delay
+        await self.peer.fail_next()
+
+    async def limit_batch(self, max_bytes: int) -> None:
+        raise NotImplementedError("see limits_batches")
+
+    async def rotate_credentials(self) -> None:
+        await self.peer.rotate_credentials()
+
+    async def slow(self, seconds: float) -> None:
+        await self.peer.slow(seconds)
+
+    async def break_peer(self) -> None:
+        await self.peer.break_peer()
+
+    async def restore_peer(self) -> None:
+        await self.peer.restore_peer()
+
+
 SINK_HARNESSES: dict[str, list[type[SinkHarness]]] = {
     # upstream.type: the harnesses its contract runs with (one parameter each)
     "http": [HttpHarness],
+    "mqtt": [MqttHarness],
 }

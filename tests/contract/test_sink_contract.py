@@ -118,8 +118,11 @@ async def test_accepted_duplicate_and_rejected_per_record(
     assert {r.id for r in first.rejected} == poison
     assert all(r.code and r.message for r in first.rejected)
     again = await sink.send(batch, batch_id="b2")
-    assert again.accepted == []
-    assert sorted(again.duplicates) == sorted(good)
+    if harness.knows_duplicates:
+        assert again.accepted == []
+        assert sorted(again.duplicates) == sorted(good)
+    else:  # at-least-once: accepted again
+        assert sorted(again.accepted) == sorted(good)
     assert {r.id for r in again.rejected} == poison
     assert harness.stored_ids() == set(good)
 
@@ -131,8 +134,9 @@ async def test_transient_failure_carries_retry_after(
     await harness.fail_next(retry_after=7)
     with pytest.raises(TransientError) as failed:
         await sink.send(batch, batch_id="b1")
-    assert failed.value.retry_after == 7.0
-    assert failed.value.status is not None
+    if harness.transient_detail:
+        assert failed.value.retry_after == 7.0
+        assert failed.value.status is not None
     assert failed.value.request_id
     assert harness.stored_ids() == set()
     result = await sink.send(batch, batch_id="b1")  # the retry
@@ -142,6 +146,8 @@ async def test_transient_failure_carries_retry_after(
 async def test_oversized_batch_raises_batch_too_large(
     harness: SinkHarness, sink: Sink, box: Outbox
 ) -> None:
+    if not harness.limits_batches:
+        pytest.skip(f"{harness.type} sizes its messages itself (see SinkHarness.limits_batches)")
     batch = await leased(box, 8, pad=2000)
     await harness.limit_batch(6000)
     with pytest.raises(BatchTooLarge):
@@ -224,6 +230,8 @@ async def test_forwarder_retries_a_transient_failure(
 async def test_forwarder_splits_an_oversized_batch(
     harness: SinkHarness, forwarder: Forwarder, box: Outbox
 ) -> None:
+    if not harness.limits_batches:
+        pytest.skip(f"{harness.type} sizes its messages itself (see SinkHarness.limits_batches)")
     await harness.limit_batch(5000)
     records = [reading("p", i, pad=1500) for i in range(4)]
     result = await box.append(records)

@@ -26,6 +26,13 @@ needed, and nothing outside this module touches a private attribute of either li
    the connection, and on resume paho's clock restarts (``_last_bytes_received``, under
    ``_msgtime_mutex``, the lock paho's own writers of that clock hold).
 
+4. **PUBACK reason codes** (the MQTT sink, agent/sinks/mqtt.py). aiomqtt's ``publish``
+   waits for the PUBACK but drops its MQTT 5 reason code, and a broker that refuses a
+   message (not authorized, too large, quota exceeded) says so only there. :class:`Acks`
+   publishes through aiomqtt's paho client (``Client._client``, as in 1) and wraps paho's
+   public ``on_publish`` callback to hand each message's reason code to its future; the
+   end of the connection is aiomqtt's ``_disconnected`` future, as in 2.
+
 Reconnecting instead of pausing was tried first and livelocked: on every reconnect the
 broker re-sent its whole in-flight window, over the bound again at once (docs/mqtt.md).
 """
@@ -202,3 +209,57 @@ class Connection:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+class Acks:
+    """QoS 1 publishes whose PUBACK reason code the caller awaits (see (4) above).
+
+    Create it before ``async with client``. :meth:`publish` returns a future that resolves
+    to the reason code (0 success, 0x10 no matching subscribers, >= 0x80 refused); it
+    never resolves if the connection ends first: await it together with
+    :attr:`disconnected`.
+    """
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self.client = client
+        self._paho: paho.Client = client._client  # (4)
+        self._loop = asyncio.get_running_loop()
+        self._pending: dict[int, asyncio.Future[int]] = {}
+        self._early: dict[int, int] = {}
+        aio_publish: Any = self._paho.on_publish
+
+        def on_publish(cl: Any, ud: Any, mid: int, rc: Any, props: Any = None) -> None:
+            code = int(getattr(rc, "value", rc))
+            future = self._pending.pop(mid, None)
+            if future is None:
+                self._early[mid] = code  # acknowledged before publish() returned
+            elif not future.done():
+                future.set_result(code)
+            aio_publish(cl, ud, mid, rc, props)
+
+        self._paho.on_publish = on_publish
+
+    @property
+    def disconnected(self) -> asyncio.Future[None]:
+        """Done when the connection ended (with aiomqtt's error as its exception)."""
+        future: asyncio.Future[None] = self.client._disconnected  # (4)
+        return future
+
+    def publish(self, topic: str, payload: bytes, properties: Any = None) -> asyncio.Future[int]:
+        """Queue one QoS 1 message; the future gets its PUBACK reason code."""
+        info = self._paho.publish(topic, payload, qos=1, properties=properties)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(info.rc, "could not publish")
+        future: asyncio.Future[int] = self._loop.create_future()
+        if info.mid in self._early:
+            future.set_result(self._early.pop(info.mid))
+        else:
+            self._pending[info.mid] = future
+        return future
+
+    def fail_all(self, exc: BaseException) -> None:
+        """End every awaited publish with ``exc`` (the sink is closing)."""
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(exc)
