@@ -235,6 +235,14 @@ def _loc(loc: tuple[int | str, ...], data: dict[str, Any]) -> str:
     return ".".join(p for p in parts if not p.startswith(("function-", "json-or-python")))
 
 
+def _error_key(err: Any, data: dict[str, Any]) -> str:
+    """The key path of one validation error; an unknown sink type is ``upstream.type``
+    (with several sinks, pydantic reports it on the table)."""
+    if err["type"] == "union_tag_invalid" and tuple(err["loc"]) == ("upstream",):
+        return "upstream.type"
+    return _loc(err["loc"], data)
+
+
 _SECRET_KEYS = ("token", "password", "secret", "api_key", "apikey")
 
 
@@ -306,7 +314,7 @@ def parse(
         for check in checks:
             problems += check(settings)
     except ValidationError as exc:
-        problems = [(_loc(e["loc"], data), _message(e)) for e in exc.errors()]
+        problems = [(_error_key(e, data), _message(e)) for e in exc.errors()]
         raise ConfigError(problems, source) from None
     finally:
         load_warnings.reset(token)

@@ -203,6 +203,9 @@ def resolve(path: str, data: dict[str, Any]) -> str | None:
                 return None
             continue
         models = _models(info.annotation)
+        if name == "upstream" and len(models) > 1:  # the sink's class, by upstream.type
+            kind = (node or {}).get("type", "http") if isinstance(node, dict) else "http"
+            models = [m for m in models if m.model_fields["type"].default == kind] or models
         if not models:
             return None
         if origin is dict or dict in [typing.get_origin(a) for a in args]:

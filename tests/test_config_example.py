@@ -67,6 +67,28 @@ def documented_paths(text: str) -> list[str]:
     return paths
 
 
+def commented_tables(text: str) -> list[dict[str, Any]]:
+    """Each commented-out table (``# [upstream]`` and its ``# key = value`` lines) as
+    TOML of its own: a variant of a live table (another sink type) resolves by its own
+    ``type``, not by the live table's."""
+    blocks: list[list[str]] = []
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if m := _HEADER.match(line):
+            current = None
+            if line.startswith("#") and m.group(1) == "[":
+                current = [f"[{m.group(2)}]"]
+                blocks.append(current)
+            continue
+        if current is not None and _COMMENTED_KEY.match(line):
+            try:
+                tomllib.loads(line[1:].strip())
+            except tomllib.TOMLDecodeError:
+                continue
+            current.append(line[1:].strip())
+    return [tomllib.loads("\n".join(block)) for block in blocks]
+
+
 def _numbered(name: str, counts: dict[str, int]) -> str:
     """``name`` with the current element index after each array-of-tables prefix."""
     out: list[str] = []
@@ -82,6 +104,8 @@ def test_example_documents_every_config_field() -> None:
     text = EXAMPLE.read_text()
     data = tomllib.loads(text)
     documented = {label for p in documented_paths(text) if (label := resolve(p, data))}
+    for block in commented_tables(text):  # e.g. another sink's [upstream]
+        documented |= {label for p in _flatten(block, "") if (label := resolve(p, block))}
     missing = sorted(all_fields() - documented - set(NOT_IN_EXAMPLE))
     assert not missing, (
         "config fields config.example.toml does not show (add `# key = default` with a "

@@ -32,7 +32,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from agent.configtypes import ByteSize, Duration, ExistingFile, PositiveDuration, SecretFilePath
+from agent.configtypes import ByteSize, ExistingFile, PositiveDuration, SecretFilePath
 from agent.configtypes import warn as config_warn
 from agent.errors import BatchRejected, BatchTooLarge, ReauthorizationRequired, TransientError
 from agent.health import State
@@ -93,7 +93,7 @@ class MqttSinkConfig(UpstreamConfig):
     max_message_bytes: ByteSize = 256 << 10
     """Largest message payload. A batch is split to fit; a record that does not fit alone
     is refused (dead letter, reason ``too_large``)."""
-    session_expiry: Duration = 7 * 86400.0
+    session_expiry: PositiveDuration = 7 * 86400.0
     """How long the broker keeps the session while the agent is away (MQTT 5)."""
     keepalive: int = Field(default=60, ge=5, le=65535)
     """Seconds between keepalive pings."""
@@ -144,6 +144,13 @@ class MqttSinkConfig(UpstreamConfig):
             raise ValueError("a topic is not empty, has no + or #, and does not start with $")
         return value
 
+    @field_validator("max_message_bytes")
+    @classmethod
+    def _check_size(cls, value: int) -> int:
+        if value < 1024:
+            raise ValueError("must be at least 1KiB")
+        return value
+
     @model_validator(mode="after")
     def _check_tls(self) -> MqttSinkConfig:
         try:
@@ -156,8 +163,6 @@ class MqttSinkConfig(UpstreamConfig):
             config_warn("upstream.tls_verify is off: the broker's identity is not checked")
         if not self.tls:
             config_warn("upstream.tls is off: records and the password travel in clear")
-        if self.max_message_bytes < 1024:
-            raise ValueError("max_message_bytes must be at least 1KiB")
         return self
 
 
