@@ -14,9 +14,10 @@ import contextlib
 import hmac
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 
 import orjson
 import structlog
@@ -26,10 +27,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from agent import statuspage
 from agent.configtypes import secret_value
 from agent.health import Component, Health, Kind, is_up, part_up
 
@@ -350,6 +352,69 @@ def _flatten(components: Sequence[Component]) -> Iterator[tuple[str, str, Health
             yield p.kind.value, f"{name}/{p.name}", p.health
 
 
+def _page_routes(agent: Agent, refused: Callable[..., Response | None]) -> list[Route]:
+    """The status page (agent.statuspage): ``/``, its assets, and the token form."""
+
+    def page_headers(**extra: str) -> dict[str, str]:
+        return {
+            "content-security-policy": statuspage.CSP,
+            "x-content-type-options": "nosniff",
+            "referrer-policy": "no-referrer",
+            "cache-control": "no-store",
+            **extra,
+        }
+
+    async def page(request: Request) -> Response:
+        if "token" in request.query_params:
+            return HTMLResponse(
+                statuspage.login_page(
+                    "a token in the URL is not accepted (it would end up in logs and "
+                    "history): enter it here"
+                ),
+                400,
+                headers=page_headers(),
+            )
+        if refused(request, read=True) is not None:
+            return HTMLResponse(statuspage.login_page(), 401, headers=page_headers())
+        return HTMLResponse(statuspage.render(await agent.status()), headers=page_headers())
+
+    async def login(request: Request) -> Response:
+        token = secret_value(agent.settings.api.token)
+        form = parse_qs((await request.body())[:4096].decode("utf-8", "replace"))
+        given = (form.get("token") or [""])[0]
+        if token is None or not hmac.compare_digest(given.encode(), token.encode()):
+            log.warning("status_page_login_refused", request_id=request.scope.get("request_id"))
+            return HTMLResponse(statuspage.login_page("wrong token"), 401, headers=page_headers())
+        answer = RedirectResponse("/", 303, headers=page_headers())
+        answer.set_cookie(
+            statuspage.COOKIE,
+            statuspage.session_value(token),
+            httponly=True,
+            samesite="strict",
+            path="/",
+        )
+        return answer
+
+    async def logout(request: Request) -> Response:
+        answer = RedirectResponse("/", 303, headers=page_headers())
+        answer.delete_cookie(statuspage.COOKIE, path="/")
+        return answer
+
+    async def static(request: Request) -> Response:
+        name = request.path_params["name"]
+        media = statuspage.ASSETS.get(name)
+        if media is None:
+            return _error(404, "not_found", f"no asset {name!r}", request)
+        return Response(statuspage.asset(name), media_type=media, headers=page_headers())
+
+    return [
+        Route("/", page),
+        Route("/login", login, methods=["POST"]),
+        Route("/logout", logout, methods=["POST"]),
+        Route("/static/{name}", static),
+    ]
+
+
 def build_app(agent: Agent) -> Starlette:
     """The Starlette application for ``agent``."""
     registry = CollectorRegistry(auto_describe=False)
@@ -371,9 +436,14 @@ def build_app(agent: Agent) -> Starlette:
                 request,
             )
         given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            return _error(401, "unauthorized", "missing or wrong bearer token", request)
-        return None
+        if hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return None
+        # The status page's session cookie counts for reads only: a page on another
+        # site can make a browser send it, so it must never allow a mutation.
+        cookie = request.cookies.get(statuspage.COOKIE, "")
+        if read and hmac.compare_digest(cookie.encode(), statuspage.session_value(token).encode()):
+            return None
+        return _error(401, "unauthorized", "missing or wrong bearer token", request)
 
     async def healthz(request: Request) -> Response:
         return _Json({"status": "ok", "uptime_seconds": round(time.time() - agent.started_at, 1)})
@@ -443,6 +513,7 @@ def build_app(agent: Agent) -> Starlette:
 
     app = Starlette(
         routes=[
+            *_page_routes(agent, refused),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/v1/status", status),

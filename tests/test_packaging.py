@@ -103,6 +103,9 @@ def test_package_metadata_and_contents(deb: Path) -> None:
     # build-deb refuses to package without the C record builder (unless told to).
     site = "/opt/edge-agent/lib/python3.11/site-packages/agent/"
     assert any(p.startswith(site + "_envelope.") and p.endswith(".so") for p in paths)
+    # The status page's assets are package data (the page loads nothing from elsewhere).
+    for asset in ("web/status.css", "web/status.js"):
+        assert site + asset in paths, asset
     owners = {line.split()[1] for line in listing.splitlines()}
     assert owners == {"root/root"}, owners
 
