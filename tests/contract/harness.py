@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 from sqlalchemy import insert, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from agent.health import State
 from agent.sources.base import Source, SourceConfig
 from tests.helpers.mosquitto import Mosquitto, have_mosquitto
 from tests.helpers.mqttpub import Publisher
@@ -172,8 +173,7 @@ class MqttHarness(SourceHarness):
         from tests.helpers.waiting import wait_for  # noqa: PLC0415
 
         # subscribed: from now on the broker keeps our messages in the session
-        await wait_for(lambda: source.status().get("connected") and _subscribed(source),
-                       30, "MQTT source subscribed")  # fmt: skip
+        await wait_for(lambda: _subscribed(source), 30, "MQTT source subscribed")
 
     def _publisher(self) -> Publisher:
         if self._pub is None:
@@ -214,7 +214,7 @@ class MqttHarness(SourceHarness):
 
 def _subscribed(source: Source) -> bool:
     # the MQTT source is ok once its subscriptions are granted
-    return source.health().health.state == "ok"
+    return source.health().health.state is State.OK
 
 
 # ---------------------------------------------------------------------- Modbus
