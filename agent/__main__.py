@@ -273,6 +273,16 @@ def _seq(text: str) -> int:
     return int(text)
 
 
+def _watch_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r}: give seconds between 0.1 and 3600")
+    return value
+
+
 def _api_url(args: argparse.Namespace) -> tuple[str, Any, Path]:
     from agent import ctl  # noqa: PLC0415
 
@@ -295,7 +305,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     try:
         url, api, _ = _api_url(args)
-        status = ctl.fetch_status(url, secret_value(api.token) if api is not None else None)
+        token = secret_value(api.token) if api is not None else None
+        if args.watch is not None:
+            if args.json:
+                raise ctl.CtlError("--watch shows the table; --json is for one look", 2)
+            return ctl.watch(url, token, args.watch)
+        status = ctl.fetch_status(url, token)
     except ctl.CtlError as exc:
         return ctl.fail(exc)
     print(json.dumps(status, indent=2) if args.json else ctl.render_status(status))
@@ -323,6 +338,14 @@ def _add_ctl_commands(sub: Any, config_opt: argparse.ArgumentParser) -> None:
     p = sub.add_parser("status", parents=[config_opt], help="show the running agent's status")
     p.add_argument("--json", action="store_true", help="the raw status (with readiness) as JSON")
     p.add_argument("--url", help=url_help)
+    p.add_argument(
+        "--watch",
+        nargs="?",
+        const=2.0,
+        type=_watch_interval,
+        metavar="SECONDS",
+        help="refresh in place, like top (every 2 s, or SECONDS); Ctrl-C ends it",
+    )
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(

@@ -312,6 +312,49 @@ def _horizon_text(ahead: dict[str, Any]) -> str:
     return f"{text} ({'; '.join(per)})" if per else text
 
 
+# ---------------------------------------------------------------------------- watch
+
+_ALT_SCREEN_ON, _ALT_SCREEN_OFF = "\x1b[?1049h\x1b[?25l", "\x1b[?25h\x1b[?1049l"
+_HOME_CLEAR = "\x1b[H\x1b[2J"
+
+
+def watch_frame(url: str, token: str | None, interval: float, width: int, height: int) -> str:
+    """One screen of ``status --watch``: a title line and the status table (or why there
+    is none: the agent not answering is shown, and watching goes on), cut to the terminal."""
+    title = (
+        f"edge-agent status {url}  every {interval:g}s  {time.strftime('%H:%M:%S')}  Ctrl-C quits"
+    )
+    try:
+        body = render_status(fetch_status(url, token))
+    except CtlError as exc:
+        body = f"edge-agent: {exc}"
+    lines = [title, "", *body.splitlines()]
+    return "\n".join(line[:width] for line in lines[:height])
+
+
+def watch(url: str, token: str | None, interval: float) -> int:
+    """``edge-agent status --watch``: redraw the status every ``interval`` seconds in place
+    (the terminal's alternate screen, as ``top`` does; plain frames one after the other
+    when stdout is not a terminal), until Ctrl-C, which ends it cleanly (exit 0)."""
+    out = sys.stdout
+    tty = out.isatty()
+    try:
+        if tty:
+            out.write(_ALT_SCREEN_ON)
+        while True:
+            size = os.get_terminal_size(out.fileno()) if tty else os.terminal_size((200, 10_000))
+            frame = watch_frame(url, token, interval, size.columns, size.lines)
+            out.write(_HOME_CLEAR + frame if tty else frame + "\n\n")
+            out.flush()
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    finally:
+        if tty:
+            out.write(_ALT_SCREEN_OFF)
+            out.flush()
+
+
 # ---------------------------------------------------------------------------- sync
 
 
