@@ -23,6 +23,7 @@ import ssl
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal
 
 import aiomqtt
@@ -42,12 +43,32 @@ from agent.sources.base import UniqueKey
 from agent.sources.mqtt.client import Acks
 
 PLACEHOLDERS = frozenset(
-    {"site", "agent_id", "entity_type", "source", "system", "asset", "remote_id", "entity_id", "id"}
+    {
+        "site",
+        "agent_id",
+        "client_id",
+        "entity_type",
+        "source",
+        "system",
+        "asset",
+        "remote_id",
+        "entity_id",
+        "id",
+    }
 )
 """What a topic template may name (docs/upstream.md)."""
 
 MISSING = "_"
 """The topic level of a placeholder the record has no value for."""
+
+AWS_MAX_MESSAGE = 128 << 10
+AZURE_MAX_MESSAGE = 256 << 10
+AZURE_API = "2021-04-12"
+AZURE_TOPIC = "devices/{client_id}/messages/events/$.ct=application%2Fjson&$.ce=utf-8"
+TB_CONNECT = "v1/gateway/connect"
+TB_TELEMETRY = "v1/gateway/telemetry"
+TB_ATTRIBUTES = "v1/gateway/attributes"
+READINGS = frozenset({"meter_reading", "event"})
 
 _UNSAFE = re.compile(r"[+#/\x00]")
 _AUTH_CODES = frozenset({0x04, 0x05, 0x86, 0x87, 0x8C})
@@ -59,6 +80,14 @@ class MqttSinkConfig(UpstreamConfig):
 
     type: Literal["mqtt"] = "mqtt"
     """``mqtt``: publish to a broker, acknowledged after each message's PUBACK."""
+    preset: Literal["thingsboard", "aws_iot", "azure_iot"] | None = None
+    """A platform's conventions (docs/upstream.md "MQTT presets"): ``thingsboard`` (the
+    gateway API: v1/gateway/connect, telemetry, attributes), ``aws_iot`` (128 KiB, a topic
+    per thing) or ``azure_iot`` (IoT Hub: devices/{client_id}/messages/events/, MQTT 3.1.1,
+    SAS token as password)."""
+    protocol: Literal["5", "3.1.1"] = "5"
+    """MQTT version. 3.1.1 has no PUBACK reason codes (every PUBACK accepts) and no
+    session expiry (the session lasts until the broker drops it). ``azure_iot``: 3.1.1."""
     host: str = Field(min_length=1)
     """Broker host name or address."""
     port: int | None = Field(default=None, gt=0, lt=65536)
@@ -83,13 +112,18 @@ class MqttSinkConfig(UpstreamConfig):
     client_key_file: ExistingFile | None = None
     """Key of ``client_cert_file`` when it is not in the same file."""
     topic: str = "edge/{site}/{entity_type}"
-    """Topic template. Placeholders: ``{site}``, ``{agent_id}``, ``{entity_type}``,
-    ``{source}``, ``{system}``, ``{asset}`` (the record's asset remote id: its own for an
-    asset), ``{remote_id}``, ``{entity_id}``, ``{id}``. A value's ``/``, ``+`` and ``#``
-    become ``_``, and so does a value the record lacks."""
+    """Topic template (fixed by the ``thingsboard`` and ``azure_iot`` presets;
+    ``aws_iot``'s default is ``edge/{client_id}/{entity_type}``). Placeholders:
+    ``{site}``, ``{agent_id}``, ``{client_id}``, ``{entity_type}``, ``{source}``,
+    ``{system}``, ``{asset}`` (the record's asset remote id: its own for an asset),
+    ``{remote_id}``, ``{entity_id}``, ``{id}``. A value's ``/``, ``+`` and ``#`` become
+    ``_``, and so does a value the record lacks."""
     payload: Literal["record", "batch"] = "record"
     """``record``: one envelope per message; ``batch``: ``{"agent_id", "batch_id",
     "records": [...]}`` of consecutive records with the same topic."""
+    device: str = "{asset}"
+    """``thingsboard``: the ThingsBoard device a record belongs to (same placeholders as
+    ``topic``); a record without a value for it goes to the device named by its source."""
     max_message_bytes: ByteSize = 256 << 10
     """Largest message payload. A batch is split to fit; a record that does not fit alone
     is refused (dead letter, reason ``too_large``)."""
@@ -103,6 +137,49 @@ class MqttSinkConfig(UpstreamConfig):
     """Time allowed to connect (TCP, TLS and CONNACK)."""
     ack_timeout: PositiveDuration = 60.0
     """Time allowed for the PUBACKs of one batch; then the rest is sent again."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("preset") is None:
+            return data
+        preset, given = data["preset"], dict(data)
+        if preset in ("thingsboard", "azure_iot") and "topic" in given:
+            raise ValueError(f"preset {preset!r} fixes the topic: leave 'topic' out")
+        if preset == "thingsboard":
+            given.setdefault("payload", "batch")
+        elif preset == "aws_iot":
+            given.setdefault("topic", "edge/{client_id}/{entity_type}")
+            given.setdefault("max_message_bytes", AWS_MAX_MESSAGE)
+            given.setdefault("max_inflight", 100)
+        elif preset == "azure_iot":
+            given["topic"] = AZURE_TOPIC
+            given.setdefault("protocol", "3.1.1")
+            if "host" in given and "client_id" in given:
+                given.setdefault(
+                    "username", f"{given['host']}/{given['client_id']}/?api-version={AZURE_API}"
+                )
+        return given
+
+    @model_validator(mode="after")
+    def _check_preset(self) -> MqttSinkConfig:
+        if self.preset == "thingsboard" and self.payload != "batch":
+            raise ValueError("preset 'thingsboard' sends gateway API batches: payload = 'batch'")
+        if self.preset == "aws_iot":
+            if self.max_message_bytes > AWS_MAX_MESSAGE:
+                raise ValueError("AWS IoT Core takes messages of at most 128KiB: max_message_bytes")
+            if self.max_inflight > 100:
+                raise ValueError("AWS IoT Core allows 100 unacknowledged messages: max_inflight")
+            if not self.tls or self.client_cert_file is None:
+                config_warn("preset aws_iot: AWS IoT Core wants TLS with a client certificate")
+        if self.preset == "azure_iot":
+            if self.protocol != "3.1.1":
+                raise ValueError("Azure IoT Hub speaks MQTT 3.1.1: protocol = '3.1.1'")
+            if self.max_message_bytes > AZURE_MAX_MESSAGE:
+                raise ValueError("Azure IoT Hub takes messages of at most 256KiB")
+            if self.password is None:
+                raise ValueError("preset azure_iot needs the SAS token: password_file")
+        return self
 
     def target(self) -> str:
         """``mqtt://host:port`` and the topic template."""
@@ -125,7 +202,7 @@ class MqttSinkConfig(UpstreamConfig):
             )
         }
 
-    @field_validator("topic")
+    @field_validator("topic", "device")
     @classmethod
     def _check_topic(cls, value: str) -> str:
         try:
@@ -221,7 +298,7 @@ def _level(value: Any) -> str:
     return _UNSAFE.sub("_", text) or MISSING
 
 
-def topic_of(template: str, agent_id: str, record: dict[str, Any]) -> str:
+def topic_of(template: str, agent_id: str, record: dict[str, Any], client_id: str = MISSING) -> str:
     """The topic of one record (an envelope as parsed JSON)."""
     source = record.get("source") or {}
     data = record.get("data") or {}
@@ -229,6 +306,7 @@ def topic_of(template: str, agent_id: str, record: dict[str, Any]) -> str:
     values = {
         "site": source.get("site"),
         "agent_id": agent_id,
+        "client_id": client_id,
         "entity_type": record.get("entity_type"),
         "source": source.get("name"),
         "system": source.get("system"),
@@ -258,6 +336,8 @@ def plan(
     config: MqttSinkConfig, agent_id: str, batch: Sequence[Leased], batch_id: str
 ) -> tuple[list[Message], list[Rejection]]:
     """The messages of ``batch``, in order, and the records too large to send alone."""
+    if config.preset == "thingsboard":
+        return plan_thingsboard(config, agent_id, batch)
     messages: list[Message] = []
     too_large: list[Rejection] = []
     limit = config.max_message_bytes
@@ -275,7 +355,7 @@ def plan(
         group, group_size = [], 0
 
     for item in batch:
-        topic = topic_of(config.topic, agent_id, orjson.loads(item.body))
+        topic = topic_of(config.topic, agent_id, orjson.loads(item.body), config.client_id)
         size = len(item.body) if config.payload == "record" else overhead + len(item.body)
         if size > limit:
             too_large.append(
@@ -293,6 +373,94 @@ def plan(
         group_size += len(item.body) + (1 if len(group) > 1 else 0)
     flush()
     return messages, too_large
+
+
+def _ms(stamp: Any) -> int | None:
+    if not isinstance(stamp, str):
+        return None
+    try:
+        when = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return int(when.timestamp() * 1000)
+
+
+def thingsboard_entry(
+    config: MqttSinkConfig, agent_id: str, record: dict[str, Any]
+) -> tuple[str, str, Any]:
+    """``(topic, device, entry)`` of one record in ThingsBoard's gateway API.
+
+    Readings and events are telemetry, ``{"ts": ms, "values": {point: value}}`` (an
+    event's fields as ``point.field``); every other entity is client-side attributes of
+    its device: an asset's data itself, another entity under ``<entity_type>:<remote_id>``.
+    Each carries its record id (``edge_id``), so a consumer can dedupe.
+    """
+    device = topic_of(config.device, agent_id, record, config.client_id)
+    if device == MISSING:
+        device = _level((record.get("source") or {}).get("name"))
+    data = record.get("data") or {}
+    kind = record.get("entity_type")
+    if kind in READINGS:
+        point = str(data.get("point") or record.get("remote_id") or "value")
+        skip = {"point", "asset_remote_id"}
+        if kind == "meter_reading" and "value" in data:
+            values: dict[str, Any] = {point: data["value"]}
+        else:
+            values = {f"{point}.{k}": v for k, v in data.items() if k not in skip}
+        entry: dict[str, Any] = {"values": values}
+        ts = _ms(record.get("observed_at"))
+        if ts is not None:
+            entry["ts"] = ts
+        return TB_TELEMETRY, device, entry
+    attrs = {"edge_id": record.get("id"), "op": record.get("op")}
+    if kind == "asset":
+        return TB_ATTRIBUTES, device, {**data, **attrs}
+    return TB_ATTRIBUTES, device, {f"{kind}:{record.get('remote_id')}": {**data, **attrs}}
+
+
+def plan_thingsboard(
+    config: MqttSinkConfig, agent_id: str, batch: Sequence[Leased]
+) -> tuple[list[Message], list[Rejection]]:
+    """Gateway API messages: a ``v1/gateway/connect`` for each device of the batch, then
+    telemetry (``{device: [entries]}``) and attributes (``{device: {...}}``) messages of
+    consecutive records of the same kind, split at ``max_message_bytes``."""
+    limit = config.max_message_bytes
+    messages: list[Message] = []
+    too_large: list[Rejection] = []
+    devices: dict[str, str] = {}
+    group: dict[str, Any] = {}
+    items: list[Leased] = []
+    topic = ""
+    size = 0  # at least the group's JSON size: the records' alone sizes added up
+
+    def flush() -> None:
+        nonlocal group, items, size
+        if items:
+            messages.append(Message(topic, orjson.dumps(group), items))
+        group, items, size = {}, [], 0
+
+    for item in batch:
+        record = orjson.loads(item.body)
+        kind, device, entry = thingsboard_entry(config, agent_id, record)
+        devices.setdefault(device, str(record.get("entity_type") or "default"))
+        alone = orjson.dumps({device: [entry] if kind == TB_TELEMETRY else entry})
+        if len(alone) > limit:
+            too_large.append(Rejection(item.id, "too_large", f"{len(alone)} bytes, over {limit}"))
+            continue
+        if items and (kind != topic or size + len(alone) > limit):
+            flush()
+        topic = kind
+        size += len(alone)
+        if kind == TB_TELEMETRY:
+            group.setdefault(device, []).append(entry)
+        else:
+            group.setdefault(device, {}).update(entry)
+        items.append(item)
+    flush()
+    connects = [
+        Message(TB_CONNECT, orjson.dumps({"device": d, "type": t}), []) for d, t in devices.items()
+    ]
+    return connects + messages, too_large
 
 
 def _properties() -> Properties:
@@ -373,17 +541,19 @@ class MqttSink(Sink):
                 self.disconnects += 1
                 self._drop()
             cfg = self.config
+            v5 = cfg.protocol == "5"
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = int(cfg.session_expiry)
+            props.SessionExpiryInterval = min(int(cfg.session_expiry), 0xFFFFFFFF)
             client = aiomqtt.Client(
                 cfg.host,
                 cfg.broker_port,
                 identifier=cfg.client_id,
                 username=cfg.username,
                 password=cfg.password.get_secret_value() if cfg.password else None,
-                protocol=aiomqtt.ProtocolVersion.V5,
+                protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
                 clean_start=False,
-                properties=props,
+                clean_session=None if v5 else False,
+                properties=props if v5 else None,
                 keepalive=cfg.keepalive,
                 max_inflight_messages=cfg.max_inflight,
                 timeout=cfg.connect_timeout,
@@ -447,7 +617,8 @@ class MqttSink(Sink):
         futures: list[asyncio.Future[int]] = []
         try:
             for message in messages:
-                futures.append(acks.publish(message.topic, message.payload, _properties()))
+                props = _properties() if self.config.protocol == "5" else None
+                futures.append(acks.publish(message.topic, message.payload, props))
                 self.wire_bytes += len(message.payload)
                 result.wire_bytes += len(message.payload)
         except aiomqtt.MqttError as exc:
@@ -497,6 +668,9 @@ class MqttSink(Sink):
             action, reason = classify(code)
             self.reason_codes[reason] = self.reason_codes.get(reason, 0) + 1
             ids = [item.id for item in message.items]
+            if not ids:  # a message of the protocol's own (ThingsBoard's connect)
+                acked += 1
+                continue
             if action is Action.ACCEPTED:
                 acked += 1
                 result.accepted += ids
