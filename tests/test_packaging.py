@@ -96,6 +96,8 @@ def test_package_metadata_and_contents(deb: Path) -> None:
         "/usr/lib/sysusers.d/edge-agent.conf",
         "/usr/share/doc/edge-agent/copyright",
         "/usr/share/doc/edge-agent/examples/serial-port.conf",
+        "/usr/share/edge-agent/grafana/edge-agent.dashboard.json",
+        "/usr/share/edge-agent/grafana/edge-agent.rules.yml",
         "/var/lib/edge-agent/",
     ):
         assert expected in paths, expected
