@@ -212,3 +212,30 @@ def test_presets_fill_in_the_platform_conventions(tmp_path: Path) -> None:
     assert azure.protocol == "3.1.1"
     record = orjson.loads(reading("a", "p", 1).to_json())
     assert topic_of(azure.topic, "a1", record, "gw1").startswith("devices/gw1/messages/events/")
+
+
+async def test_the_brokers_maximum_packet_size_lowers_the_message_limit(
+    tmp_path: Path, box: Outbox
+) -> None:
+    """A broker that announces a Maximum Packet Size (mosquitto ``max_packet_size``) drops
+    a client sending a larger packet: messages stay under it, a record too large for it
+    alone is dead-lettered, and the connection is never dropped."""
+    broker = Mosquitto(tmp_path / "small-broker", extra="max_packet_size 2048\n")
+    broker.start()
+    sub = Subscriber(broker.port, "edge/#")
+    try:
+        small = [reading("a", "p", n, pad=300) for n in range(12)]
+        big = reading("a", "p", 99, pad=3000)
+        config = table(broker, payload="batch")  # max_message_bytes 256KiB
+        ids = await deliver(box, config, [*small, big])
+        dead = await box.dead_letters()
+        want = ids - {d["id"] for d in dead}
+        await wait_for(lambda: want <= set(sub.record_ids()), 30, "every small record")
+    finally:
+        sub.close()
+        broker.stop()
+    assert len(want) == 12
+    assert len(dead) == 1
+    assert "too_large" in str(dead[0])
+    assert max(len(m.payload) for m in sub.received()) < 2048
+    assert "exceeded maximum packet size" not in broker.log_text().lower()

@@ -333,14 +333,19 @@ def _batch_payload(agent_id: str, batch_id: str, bodies: Sequence[bytes]) -> byt
 
 
 def plan(
-    config: MqttSinkConfig, agent_id: str, batch: Sequence[Leased], batch_id: str
+    config: MqttSinkConfig,
+    agent_id: str,
+    batch: Sequence[Leased],
+    batch_id: str,
+    limit: int | None = None,
 ) -> tuple[list[Message], list[Rejection]]:
-    """The messages of ``batch``, in order, and the records too large to send alone."""
+    """The messages of ``batch``, in order, and the records too large to send alone;
+    ``limit`` is the payload limit (default ``max_message_bytes``)."""
+    limit = config.max_message_bytes if limit is None else limit
     if config.preset == "thingsboard":
-        return plan_thingsboard(config, agent_id, batch)
+        return plan_thingsboard(config, agent_id, batch, limit)
     messages: list[Message] = []
     too_large: list[Rejection] = []
-    limit = config.max_message_bytes
     group: list[Leased] = []
     group_topic = ""
     group_size = 0
@@ -419,12 +424,11 @@ def thingsboard_entry(
 
 
 def plan_thingsboard(
-    config: MqttSinkConfig, agent_id: str, batch: Sequence[Leased]
+    config: MqttSinkConfig, agent_id: str, batch: Sequence[Leased], limit: int
 ) -> tuple[list[Message], list[Rejection]]:
     """Gateway API messages: a ``v1/gateway/connect`` for each device of the batch, then
     telemetry (``{device: [entries]}``) and attributes (``{device: {...}}``) messages of
-    consecutive records of the same kind, split at ``max_message_bytes``."""
-    limit = config.max_message_bytes
+    consecutive records of the same kind, split at ``limit``."""
     messages: list[Message] = []
     too_large: list[Rejection] = []
     devices: dict[str, str] = {}
@@ -609,11 +613,13 @@ class MqttSink(Sink):
 
     async def send(self, batch: Sequence[Leased], *, batch_id: str) -> SendResult:
         """Publish ``batch`` once; report each record by its message's PUBACK."""
-        messages, too_large = plan(self.config, self.agent_id, batch, batch_id)
+        acks = await self._connect()
+        messages, too_large = plan(
+            self.config, self.agent_id, batch, batch_id, self._payload_limit(acks)
+        )
         result = SendResult(rejected=too_large, request_id=f"{self.config.client_id}/{batch_id}")
         if not messages:
             return result
-        acks = await self._connect()
         futures: list[asyncio.Future[int]] = []
         try:
             for message in messages:
@@ -629,6 +635,17 @@ class MqttSink(Sink):
         self.messages += len(messages)
         await self._await_acks(futures, acks)
         return self._settle(messages, futures, result)
+
+    def _payload_limit(self, acks: Acks) -> int:
+        """``max_message_bytes``, lowered to what the broker's Maximum Packet Size leaves
+        for a payload (a broker drops a client whose packet is larger)."""
+        limit = self.config.max_message_bytes
+        if acks.max_packet is not None:
+            # fixed header 5, topic length 2 + topic, packet id 2, properties (format
+            # indicator, content type) < 32
+            topic = len(self.config.topic.encode()) + 256  # a filled-in template, generously
+            limit = min(limit, acks.max_packet - topic - 41)
+        return max(limit, 1)
 
     async def _await_acks(self, futures: list[asyncio.Future[int]], acks: Acks) -> None:
         """Until every PUBACK came, the connection ended, or ``ack_timeout`` passed."""

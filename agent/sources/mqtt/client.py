@@ -31,7 +31,9 @@ needed, and nothing outside this module touches a private attribute of either li
    message (not authorized, too large, quota exceeded) says so only there. :class:`Acks`
    publishes through aiomqtt's paho client (``Client._client``, as in 1) and wraps paho's
    public ``on_publish`` callback to hand each message's reason code to its future; the
-   end of the connection is aiomqtt's ``_disconnected`` future, as in 2.
+   end of the connection is aiomqtt's ``_disconnected`` future, as in 2. It also keeps
+   the CONNACK's Maximum Packet Size (wrapping the public ``on_connect``): paho does not
+   hold a publish to it, and a broker drops a client that sends more.
 
 Reconnecting instead of pausing was tried first and livelocked: on every reconnect the
 broker re-sent its whole in-flight window, over the bound again at once (docs/mqtt.md).
@@ -238,6 +240,16 @@ class Acks:
             aio_publish(cl, ud, mid, rc, props)
 
         self._paho.on_publish = on_publish
+        self.max_packet: int | None = None
+        """The broker's Maximum Packet Size from its CONNACK (MQTT 5), if it sent one."""
+        aio_connect: Any = self._paho.on_connect
+
+        def on_connect(cl: Any, ud: Any, flags: Any, rc: Any, props: Any = None) -> None:
+            size = getattr(props, "MaximumPacketSize", None)
+            self.max_packet = size if isinstance(size, int) else None
+            aio_connect(cl, ud, flags, rc, props)
+
+        self._paho.on_connect = on_connect
 
     @property
     def disconnected(self) -> asyncio.Future[None]:
