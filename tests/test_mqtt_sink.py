@@ -8,6 +8,7 @@ JSON batches split at ``max_message_bytes``, a record too large alone dead-lette
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -18,9 +19,10 @@ import pytest
 from pydantic import ValidationError
 
 from agent.forwarder import Forwarder
+from agent.health import State
 from agent.outbox import Outbox
 from agent.records import EntityType, Record
-from agent.sinks.mqtt import MqttSinkConfig, topic_of
+from agent.sinks.mqtt import MqttSink, MqttSinkConfig, topic_of
 from tests.helpers.mosquitto import Mosquitto, have_mosquitto
 from tests.helpers.mqttsub import Subscriber
 from tests.helpers.waiting import wait_for
@@ -239,3 +241,18 @@ async def test_the_brokers_maximum_packet_size_lowers_the_message_limit(
     assert "too_large" in str(dead[0])
     assert max(len(m.payload) for m in sub.received()) < 2048
     assert "exceeded maximum packet size" not in broker.log_text().lower()
+
+
+async def test_health_shows_a_lost_connection_before_the_next_send(broker: Mosquitto) -> None:
+    sink = MqttSink(table(broker), "agent-1")
+    await sink.open()
+    try:
+        assert sink.health().state is State.OK
+        await asyncio.to_thread(broker.stop)
+        await wait_for(
+            lambda: sink.health().state is State.RETRYING, 30, "retrying", detail=sink.health
+        )
+        assert "connection lost" in (sink.health().reason or "")
+    finally:
+        await sink.close()
+    assert sink.health().state is State.STOPPED

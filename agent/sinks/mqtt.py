@@ -493,6 +493,7 @@ class MqttSink(Sink):
         self._acks: Acks | None = None
         self._connecting = asyncio.Lock()
         self._closed = False
+        self._closing: set[asyncio.Task[None]] = set()
         self.connects = 0
         self.disconnects = 0
         self.messages = 0
@@ -533,7 +534,9 @@ class MqttSink(Sink):
         """Forget the connection; it is closed in the background."""
         client, self._client, self._acks = self._client, None, None
         if client is not None:
-            asyncio.get_running_loop().create_task(_quietly_close(client))
+            task = asyncio.get_running_loop().create_task(_quietly_close(client))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def _connect(self) -> Acks:
         async with self._connecting:
@@ -590,7 +593,14 @@ class MqttSink(Sink):
             self._client, self._acks = client, acks
             self.connects += 1
             self.tracker.set(State.OK, f"connected to {cfg.host}:{cfg.broker_port}")
+            acks.disconnected.add_done_callback(lambda done: self._lost(acks, done))
             return acks
+
+    def _lost(self, acks: Acks, done: asyncio.Future[None]) -> None:
+        """The connection ended: health says so at once, not at the next send."""
+        error = None if done.cancelled() else done.exception()
+        if acks is self._acks and not self._closed:
+            self._failed(f"connection lost: {error or 'closed by the broker'}")
 
     async def open(self) -> None:
         """Connect now if the broker can be reached; if not, the first send retries."""
@@ -609,6 +619,7 @@ class MqttSink(Sink):
             acks.fail_all(TransientError("the sink was closed", request_id=self.config.client_id))
         if client is not None:
             await _quietly_close(client)
+        await asyncio.gather(*self._closing, return_exceptions=True)
         self.tracker.set(State.STOPPED, "closed")
 
     async def send(self, batch: Sequence[Leased], *, batch_id: str) -> SendResult:
