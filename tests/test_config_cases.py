@@ -36,6 +36,7 @@ from agent import config as cfg
 from agent import preflight
 from agent import sources as source_plugins
 from agent.__main__ import main
+from agent.sinks import base as sinks
 
 CASES = Path(__file__).parent / "cases" / "config"
 
@@ -190,6 +191,12 @@ def resolve(path: str, data: dict[str, Any]) -> str | None:
         i += 1
         origin = typing.get_origin(info.annotation)
         args = typing.get_args(info.annotation)
+        if name == "upstream":  # the sink's config class, by upstream.type
+            kind = (node or {}).get("type", sinks.DEFAULT_TYPE) if isinstance(node, dict) else ""
+            cls = sinks.sink_plugin(
+                kind if kind in sinks.SINKS else sinks.DEFAULT_TYPE
+            ).config_class
+            continue
         if name == "sources":
             kind = (node or {}).get(parts[i], {}).get("type")
             classes = {

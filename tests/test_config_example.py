@@ -43,8 +43,30 @@ def _flatten(node: Any, prefix: str) -> list[str]:
 def documented_paths(text: str) -> list[str]:
     """Every key path the example shows: what it sets, and what it shows commented out
     (``# key = value`` below a live or commented-out ``[table]``)."""
-    paths = _flatten(tomllib.loads(text), "")
+    return [path for path, _ in _documented(text)]
+
+
+def documented_labels(text: str) -> set[str]:
+    """The ``Class.field`` of every documented path. A commented-out table whose first
+    key is ``# type = "x"`` (another sink's ``[upstream]``) resolves as that type."""
+    data = tomllib.loads(text)
+    labels: set[str] = set()
+    for path, kind in _documented(text):
+        scope = data
+        if kind is not None:
+            top = path.split(".")[0]
+            scope = {**data, top: {"type": kind}}
+        if label := resolve(path, scope):
+            labels.add(label)
+    return labels
+
+
+def _documented(text: str) -> list[tuple[str, str | None]]:
+    """``(path, type of the commented-out table it is in, if that table names one)``."""
+    paths: list[tuple[str, str | None]] = [(p, None) for p in _flatten(tomllib.loads(text), "")]
     header = ""
+    kind: str | None = None
+    commented = False
     counts: dict[str, int] = {}
     for line in text.splitlines():
         if m := _HEADER.match(line):
@@ -55,15 +77,19 @@ def documented_paths(text: str) -> list[str]:
                 header = f"{parent}.{counts[parent]}"
             else:
                 header = _numbered(name, counts)
-            if line.startswith("#"):  # a commented-out table documents its field
-                paths.append(header)
+            kind = None
+            commented = line.startswith("#")
+            if commented:  # a commented-out table documents its field
+                paths.append((header, None))
             continue
         if _COMMENTED_KEY.match(line):
             try:
                 value = tomllib.loads(line[1:].strip())
             except tomllib.TOMLDecodeError:
                 continue  # prose that happens to contain " = "
-            paths += _flatten(value, header)
+            if commented and "type" in value and kind is None:
+                kind = str(value["type"])
+            paths += [(p, kind) for p in _flatten(value, header)]
     return paths
 
 

@@ -43,6 +43,7 @@ SINKS: dict[str, str] = {
     # upstream.type: module defining ``plugin``
     "http": "agent.sinks.http",
     "mqtt": "agent.sinks.mqtt",
+    "nats": "agent.sinks.nats",
 }
 """Every sink type and the module that implements it (loaded when first asked for)."""
 

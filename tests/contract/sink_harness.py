@@ -13,8 +13,17 @@ import abc
 from pathlib import Path
 from typing import Any, ClassVar
 
+import pytest
+
 from agent.receiver import Receiver, Store
 from tests.contract.mqtt_sink_peer import MqttPeer
+from tests.helpers.natsserver import (
+    LateProxy,
+    NatsServer,
+    have_nats_server,
+    refused,
+    stored_sync,
+)
 
 
 class SinkHarness(abc.ABC):
@@ -181,10 +190,91 @@ class MqttHarness(SinkHarness):
 
     async def restore_peer(self) -> None:
         await self.peer.restore_peer()
+class NatsHarness(SinkHarness):
+    """A private ``nats-server -js`` with token auth, reached through a proxy that can
+    answer late or go away (the server and its stream stay readable directly).
+
+    A transient failure is the proxy cutting the connection at the next publish.
+    JetStream has no way to refuse chosen records (only a record over the stream's
+    ``max_msg_size``, alone: tests/test_nats_sink.py), so that case is skipped here;
+    tests/test_nats_sink.py covers it, duplicates by ``Nats-Msg-Id``, a missing stream.
+    """
+
+    type = "nats"
+    stream = "CONTRACT"
+    transient_detail = False  # a lost connection or publish carries no delay
+    limits_batches = False  # each record is one message; too large ones: test_nats_sink
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        if not have_nats_server():
+            pytest.skip("nats-server not installed (apt-get install nats-server)")
+        self.server = NatsServer(workdir / "nats", token="contract-token-1")
+        self.proxy: LateProxy | None = None
+
+    async def start(self) -> None:
+        self.server.start()
+        self.proxy = LateProxy(self.server.port)
+        await self.proxy.start()
+
+    async def stop(self) -> None:
+        if self.proxy is not None:
+            await self.proxy.stop()
+        self.server.stop()
+
+    def table(self, **over: Any) -> dict[str, Any]:
+        assert self.proxy is not None
+        return {
+            "type": "nats",
+            "servers": [f"nats://127.0.0.1:{self.proxy.port}"],
+            "stream": self.stream,
+            "subject": "contract.{site}.{entity_type}",
+            "create_stream": True,
+            "token": self.server.token,
+            "backoff_initial": "50ms",
+            "backoff_cap": "200ms",
+            "reauth_probe_interval": "200ms",
+            "connect_timeout": "2s",
+            "ack_timeout": "20s",
+            **over,
+        }
+
+    def stored_ids(self) -> set[str]:
+        return set(stored_sync([self.server.url], self.stream, self.server.token))
+
+    async def reject(self, pattern: str) -> None:
+        pytest.skip("JetStream cannot refuse chosen records (only a too large one)")
+
+    async def fail_next(self, retry_after: int) -> None:
+        del retry_after  # NATS has no way to ask for a delay
+        assert self.proxy is not None
+        self.proxy.cut_next_publish = True
+
+    async def limit_batch(self, max_bytes: int) -> None:
+        raise NotImplementedError("see limits_batches")
+
+    async def rotate_credentials(self) -> None:
+        token = self.server.token or "contract-token-1"
+        self.server.token = token[:-1] + str(int(token[-1]) + 1)
+        self.server.reload()
+        await refused(self.server.url, token)  # the reload is done: the old token fails
+
+    async def slow(self, seconds: float) -> None:
+        assert self.proxy is not None
+        self.proxy.delay = seconds
+
+    async def break_peer(self) -> None:
+        assert self.proxy is not None
+        await self.proxy.stop()
+
+    async def restore_peer(self) -> None:
+        assert self.proxy is not None
+        await self.proxy.start()
 
 
 SINK_HARNESSES: dict[str, list[type[SinkHarness]]] = {
     # upstream.type: the harnesses its contract runs with (one parameter each)
     "http": [HttpHarness],
     "mqtt": [MqttHarness],
+    "nats": [NatsHarness],
 }
