@@ -132,9 +132,7 @@ async def test_record_over_the_streams_max_msg_size_is_rejected_alone(
     assert result.accepted == [batch[0].id, batch[2].id]
 
 
-async def test_missing_stream_is_transient_until_it_exists(
-    server: NatsServer, box: Outbox
-) -> None:
+async def test_missing_stream_is_transient_until_it_exists(server: NatsServer, box: Outbox) -> None:
     batch = await leased(box, [reading("a", 0)])
     sink = NatsSink(config(server, create_stream=False), "agent-1")
     try:
@@ -165,13 +163,12 @@ async def test_a_failing_entity_stops_alone_and_keeps_its_order(
     finally:
         await sink.close()
     assert result.accepted == [batch[1].id, batch[3].id]
-    assert result.rejected == [] and result.duplicates == []
+    assert result.rejected == []
+    assert result.duplicates == []
     assert sink.publishes.get("503") == 1, sink.publishes  # e1's later events held back
 
 
-async def test_forwarder_delivers_across_a_server_restart(
-    server: NatsServer, box: Outbox
-) -> None:
+async def test_forwarder_delivers_across_a_server_restart(server: NatsServer, box: Outbox) -> None:
     fwd = Forwarder(box, config(server, batch_max_records=50), "agent-1")
     await fwd.start()
     try:

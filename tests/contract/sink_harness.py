@@ -190,6 +190,8 @@ class MqttHarness(SinkHarness):
 
     async def restore_peer(self) -> None:
         await self.peer.restore_peer()
+
+
 class NatsHarness(SinkHarness):
     """A private ``nats-server -js`` with token auth, reached through a proxy that can
     answer late or go away (the server and its stream stay readable directly).
