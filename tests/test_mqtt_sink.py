@@ -256,3 +256,23 @@ async def test_health_shows_a_lost_connection_before_the_next_send(broker: Mosqu
     finally:
         await sink.close()
     assert sink.health().state is State.STOPPED
+
+
+async def test_azure_iot_preset_publishes_over_mqtt_311(
+    broker: Mosquitto, box: Outbox, tmp_path: Path
+) -> None:
+    """The azure_iot preset's path (MQTT 3.1.1: no properties, PUBACKs without reason
+    codes, clean_session false) against mosquitto standing in for IoT Hub."""
+    sas = tmp_path / "sas"
+    sas.write_text("SharedAccessSignature sr=x&sig=y&se=1")
+    sub = Subscriber(broker.port, "devices/#")
+    try:
+        config = table(broker, preset="azure_iot", client_id="gw1", password_file=str(sas))
+        ids = await deliver(box, config, [reading("a", "p", n) for n in range(5)])
+        await wait_for(lambda: ids <= set(sub.record_ids()), 30, "every record")
+    finally:
+        sub.close()
+    assert {m.topic for m in sub.received()} == {
+        "devices/gw1/messages/events/$.ct=application%2Fjson&$.ce=utf-8"
+    }
+    assert "as gw1 (p2, c0" in broker.log_text()  # MQTT 3.1.1, clean session off

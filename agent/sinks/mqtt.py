@@ -29,6 +29,7 @@ from typing import Any, Literal
 import aiomqtt
 import orjson
 from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -558,7 +559,8 @@ class MqttSink(Sink):
                 username=cfg.username,
                 password=cfg.password.get_secret_value() if cfg.password else None,
                 protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
-                clean_start=False,
+                # 3.1.1 has clean_session instead; paho refuses any other clean_start
+                clean_start=False if v5 else MQTT_CLEAN_START_FIRST_ONLY,
                 clean_session=None if v5 else False,
                 properties=props if v5 else None,
                 keepalive=cfg.keepalive,
