@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,12 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
         yield broker
     finally:
         broker.stop()
+
+
+# Tests that run an agent in-process log through structlog; its default writes to
+# stdout, where CLI output that tests parse (``status --json``) goes. Logs go to stderr,
+# as the daemon's do, with no level filter (``capture_logs`` sees every event).
+structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
 
 
 @pytest.fixture(autouse=True)
