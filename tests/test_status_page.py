@@ -173,3 +173,16 @@ async def test_with_tokens_for_reads_the_page_needs_a_login(tmp_path: Path) -> N
         http.cookies.clear()
         stale = {"cookie": f"{statuspage.COOKIE}={statuspage.session_value('an old token')}"}
         assert (await http.get("/", headers=stale)).status_code == 401
+
+
+def test_a_running_sync_shows_a_progress_bar() -> None:
+    def page(entity: dict[str, Any]) -> list[dict[str, str | None]]:
+        status = {"sources": {"cmms": {"type": "sql", "entities": {"wo": entity}}}}
+        return [a for t, a in tags(statuspage.render(status)) if t == "progress"]
+
+    full = {"status": "in_progress", "full": True, "known_keys": 10, "progress": {"rows": 4}}
+    assert [(a.get("value"), a.get("max")) for a in page(full)] == [("4", "10")]
+    # An incremental sync does not know how many rows it will read: indeterminate.
+    incremental = {**full, "full": False}
+    assert [(a.get("value"), a.get("max")) for a in page(incremental)] == [(None, None)]
+    assert page({**full, "status": "completed"}) == []

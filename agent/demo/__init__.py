@@ -256,6 +256,7 @@ class Demo:
         # persistent session covers every later outage). The feed waits for that moment,
         # or its first messages would count as "lost" while no agent could have had them.
         await self._wait_for_mqtt_subscription()
+        self.say(f"status page:     http://127.0.0.1:{self.ports['api']}/  (open it in a browser)")
         self.say(f"agent status:    http://127.0.0.1:{self.ports['api']}/v1/status")
         self.say(
             f"upstream stats:  http://127.0.0.1:{self.ports['receiver']}/v1/stats  (token {TOKEN})"
