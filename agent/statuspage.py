@@ -113,7 +113,7 @@ def shape(status: dict[str, Any]) -> str:
     for name in sorted(status.get("sources") or {}):
         st = status["sources"][name]
         keys: set[str] = set()
-        for group in ("parts", "devices", "entities"):
+        for group in ("parts", "devices", "entities", "subscriptions"):
             if isinstance(st.get(group), dict):
                 keys.update(st[group])
         out.append(name + ":" + ",".join(sorted(keys)))
@@ -364,7 +364,23 @@ def _mqtt(p: _Page, s: list[str]) -> str:
         ("last message", p.v([*s, "last_message_at"], "ago")),
         ("held (not acked yet)", p.v([*s, "held_messages"], "int")),
     ]  # fmt: skip
-    return "<h4>MQTT subscriptions</h4>" + _dl(dl)
+    rows = []
+    for topic in sorted(get(p.s, [*s, "subscriptions"]) or {}):
+        t = [*s, "subscriptions", topic]
+        rate = escape(json.dumps([*t, "messages"]), quote=True)
+        rows.append(
+            _row(
+                [
+                    f'<span class="mono">{escape(topic)}</span>',
+                    p.v([*t, "messages"], "int"),
+                    f'<span class="rate" data-rate="{rate}">-</span>',
+                    p.v([*t, "quarantined"], "int"),
+                ],
+                topic,
+            )
+        )
+    table = _table(["subscription", "messages", "/min", "quarantined"], rows, "subscriptions")
+    return "<h4>MQTT subscriptions</h4>" + _dl(dl) + (table if rows else "")
 
 
 def render(status: dict[str, Any]) -> str:

@@ -155,3 +155,24 @@ def test_sparkplug_aliases_survive_restart_through_the_cursor() -> None:
     again = second.map("spBv1.0/g/NDATA/n", sparkplug.encode(data), RECEIVED)
     assert again.quarantine is None
     assert [r.data["point"] for r in again.records] == ["Speed"]
+
+
+def test_messages_and_bad_inputs_are_counted_per_subscription() -> None:
+    config = MqttConfig.model_validate(
+        {
+            "type": "mqtt",
+            "host": "127.0.0.1",
+            "client_id": "count-test",
+            "subscriptions": [
+                {"topic": "site/{asset}/load", "points": [{"name": "load", "path": "kg"}]},
+                {"topic": "site/{asset}/temp", "points": [{"name": "t", "path": "c"}]},
+            ],
+        }
+    )
+    mapper = Mapper(SourceRef("plant", "mqtt", "site-1"), config)
+    now = datetime.now(UTC)
+    for i in range(3):
+        assert mapper.map(f"site/L{i}/load", b'{"kg": 1}', now).quarantine is None
+    assert mapper.map("site/L1/load", b"not json", now).quarantine is not None
+    assert mapper.map("other/topic", b"{}", now).quarantine is None  # matches no filter
+    assert mapper.by_subscription == {"site/{asset}/load": [4, 1], "site/{asset}/temp": [0, 0]}

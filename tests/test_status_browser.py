@@ -36,7 +36,7 @@ pytestmark = pytest.mark.skipif(
 # what /v1/status said before and after the browser looked.
 GROWING = {
     "records", "quarantined", "restarts", "polls", "failures", "received", "sent",
-    "accepted", "rejected", "total_rows", "dead_letters", "retries",
+    "accepted", "rejected", "total_rows", "dead_letters", "retries", "messages",
 }  # fmt: skip
 # Values that move on their own (times, rates, the id of each retried request).
 MOVING = {"last_request_id", "last_error", "uptime_seconds", "horizon", "held_messages"}
@@ -189,7 +189,9 @@ async def test_the_page_in_chromium_shows_every_component_as_status_does(tmp_pat
     assert page.sources == set(after["sources"]) == {"feed", "meters", "cmms"}
     devices = set(after["sources"]["meters"]["devices"])
     entities = set(after["sources"]["cmms"]["entities"])
-    assert devices | entities <= page.names
+    subscriptions = set(after["sources"]["feed"]["subscriptions"])
+    assert subscriptions == {"site/{asset}/load"}
+    assert devices | entities | subscriptions <= page.names
     shown = {tuple(p) for p, _, _ in page.values}
     for name, st in after["sources"].items():
         assert ("sources", name, "state") in shown
@@ -201,6 +203,9 @@ async def test_the_page_in_chromium_shows_every_component_as_status_does(tmp_pat
             assert ("sources", name, "entities", ent, "last_successful_sync_at") in shown
     for key in ("total_rows", "dead_letters", "oldest_age_seconds"):
         assert ("outbox", key) in shown
+    for topic in subscriptions:
+        assert ("sources", "feed", "subscriptions", topic, "messages") in shown
+        assert ("sources", "feed", "subscriptions", topic, "quarantined") in shown
     assert ("upstream", "health", "state") in shown
     assert ("upstream", "last_request_id") in shown
     assert ("outbox", "horizon", "text") in shown

@@ -57,7 +57,7 @@
     var names = Object.keys(s.sources || {}).sort(), out = [];
     names.forEach(function (n) {
       var st = s.sources[n], keys = {};
-      ["parts", "devices", "entities"].forEach(function (g) {
+      ["parts", "devices", "entities", "subscriptions"].forEach(function (g) {
         if (st[g] && typeof st[g] === "object") Object.keys(st[g]).forEach(function (k) { keys[k] = 1; });
       });
       out.push(n + ":" + Object.keys(keys).sort().join(","));

@@ -293,6 +293,11 @@ class Mapper:
         self.sequence_gaps = 0
         self._targets: dict[str, _Target] = {}
         self._routes: dict[str, tuple[SubscriptionConfig, dict[str, str]] | None] = {}
+        self.by_subscription: dict[str, list[int]] = {
+            sub.topic: [0, 0] for sub in config.subscriptions
+        }
+        """Per subscription (its topic filter): ``[messages mapped, quarantined]``; the
+        status page's per-subscription rate and bad inputs."""
 
     def map(self, topic: str, payload: bytes, received_at: datetime) -> Outcome:
         """Map one message; never raises for bad input (it is quarantined instead).
@@ -307,6 +312,8 @@ class Mapper:
             return Outcome()
         sub, named = route
         received_at = self.clock.stamp(received_at)
+        counts = self.by_subscription.setdefault(sub.topic, [0, 0])
+        counts[0] += 1
         try:
             if len(payload) > self.config.max_payload_bytes:
                 raise BadInput(
@@ -314,10 +321,14 @@ class Mapper:
                     f"{len(payload)} bytes > max_payload_bytes {self.config.max_payload_bytes}",
                 )
             if sub.format == "sparkplug_b":
-                return self._sparkplug(sub, topic, named, payload, received_at)
-            return self._plain(sub, topic, named, payload, received_at)
+                outcome = self._sparkplug(sub, topic, named, payload, received_at)
+            else:
+                outcome = self._plain(sub, topic, named, payload, received_at)
         except BadInput as exc:
-            return Outcome(quarantine=self._bad(topic, payload, [(exc.reason, exc.detail)]))
+            outcome = Outcome(quarantine=self._bad(topic, payload, [(exc.reason, exc.detail)]))
+        if outcome.quarantine is not None:
+            counts[1] += 1
+        return outcome
 
     def route(self, topic: str) -> tuple[SubscriptionConfig, dict[str, str]] | None:
         """The first subscription whose filter matches ``topic``, and its named levels."""

@@ -215,6 +215,10 @@ class MqttSource(Source):
             "reading_paused": conn is not None and conn.paused,
             "reading_paused_since": None if conn is None else conn.paused_since,
             "input_problems": bad,
+            "subscriptions": {
+                topic: {"messages": n, "quarantined": q}
+                for topic, (n, q) in self.mapper.by_subscription.items()
+            },
             "rbe_suppressed": self.mapper.rbe.suppressed,
             "sparkplug_sequence_gaps": self.mapper.sequence_gaps,
         }
