@@ -535,7 +535,11 @@ class MqttSink(Sink):
         """Forget the connection; it is closed in the background."""
         client, self._client, self._acks = self._client, None, None
         if client is not None:
-            task = asyncio.get_running_loop().create_task(_quietly_close(client))
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (a reconfigure outside the daemon): nothing runs
+                return
+            task = loop.create_task(_quietly_close(client))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
