@@ -860,8 +860,8 @@ class Outbox:
         assert con is not None
         wal = Path(str(self.path) + "-wal")
         with contextlib.suppress(OSError):
-            if wal.stat().st_size > self._wal_limit:
-                con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            mode = "TRUNCATE" if wal.stat().st_size > self._wal_limit else "PASSIVE"
+            con.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
         return self._free_pages(con)
 
     async def _write_loop(self) -> None:

@@ -124,8 +124,13 @@ class DiskState:
 
     @property
     def headroom(self) -> int:
-        """What appends may still use before the reserve: free plus reusable, minus it."""
-        return self.free_bytes + self.reusable_bytes - self.reserve_bytes
+        """What appends may still use before the reserve: free plus reusable, minus the
+        reserve and the WAL. The WAL's frames are copied into the file at the next
+        checkpoint, which may grow it by as much: counted as spent already. (Without
+        that, a WAL that grew while readers held checkpoints back took the last bytes
+        of a 4 MiB disk under load, the checkpoint could no longer grow the file, and
+        no ack fitted any more.)"""
+        return self.free_bytes + self.reusable_bytes - self.wal_bytes - self.reserve_bytes
 
     @property
     def low(self) -> bool:

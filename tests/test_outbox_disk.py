@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from agent.errors import OutboxWriteError
 from agent.outbox import Outbox, OutboxConfig
 from agent.outbox_disk import DiskState, reserve_bytes
-from tests.helpers.tmpfs import fill, free_bytes, small_tmpfs
+from tests.helpers.tmpfs import fill, small_tmpfs
 from tests.helpers.waiting import wait_for
 from tests.outbox_helpers import reading, work_order
 
@@ -51,6 +51,7 @@ def test_reserve_sizes() -> None:
 def test_low_counts_reusable_pages_but_keeps_half_the_reserve_free() -> None:
     assert not DiskState(MiB, 4 * MiB, 0, MiB, 0).low
     assert DiskState(MiB - 1, 4 * MiB, 0, MiB, 0).low
+    assert DiskState(MiB + 100, 4 * MiB, 0, MiB, 0, 101).low  # the WAL goes into the file
     floor = MiB // 4  # the WAL's working size
     assert not DiskState(MiB // 2, 4 * MiB, MiB // 2, MiB, 0, 0, floor).low  # pages to reuse
     assert not DiskState(MiB // 8, 4 * MiB, 4 * MiB, MiB, 0, MiB // 8, floor).low  # WAL reused
@@ -123,7 +124,9 @@ async def test_an_outbox_that_filled_the_disk_itself_resumes_once_delivered(disk
             if not append.done():
                 break
             assert append.result().stored == 20
-        assert free_bytes(disk) < 1 * MiB
+        assert box._disk is not None
+        assert box._disk.state.headroom < 0  # the file (and its WAL) hold the disk
+        assert box._disk.state.reusable_bytes == 0
         while leased := await box.lease(200, 8 << 20):  # deliver everything stored
             assert await box.ack([x.seq for x in leased]) == len(leased)
         result = await asyncio.wait_for(append, 30)
@@ -161,14 +164,15 @@ async def test_a_commit_on_a_full_disk_fails_cleanly(disk: Path) -> None:
 async def test_pages_freed_inside_the_file_let_appends_through_on_a_nearly_full_disk(
     tmp_path: Path,
 ) -> None:
-    """Delivered records left 3 MB of free pages in the file, then the disk filled from
+    """Delivered records left 3.2 MB of free pages in the file, then the disk filled from
     outside to 800 KiB free: below the 2 MiB reserve, but with the free pages there is
     room, and the WAL's working size (512 KiB) is free. Appends go on. (A floor at half
     the reserve, 1 MiB of real free space, held them forever.)"""
     with small_tmpfs(tmp_path / "disk8", "8m") as disk:
         async with Outbox(disk / "outbox.db", disk_reserve="2MiB") as box:
-            for n in range(0, 1500, 50):
-                await box.append([reading("p", n + i, pad=2000) for i in range(50)])
+            for n in range(0, 800, 50):  # about 3.3 MB of file (a page per record)
+                batch = [reading("p", n + i, pad=2000) for i in range(50)]
+                await asyncio.wait_for(box.append(batch), 30)
             while leased := await box.lease(200, 8 << 20):
                 await box.ack([x.seq for x in leased])
             filler = fill(disk, leave=800 << 10)
