@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("agent.api")
 
 API_VERSION = "1"
+_LOGIN_MAX_BYTES = 4096
 
 
 class _Json(JSONResponse):
@@ -380,7 +381,12 @@ def _page_routes(agent: Agent, refused: Callable[..., Response | None]) -> list[
 
     async def login(request: Request) -> Response:
         token = secret_value(agent.settings.api.token)
-        form = parse_qs((await request.body())[:4096].decode("utf-8", "replace"))
+        body = b""
+        async for chunk in request.stream():  # a token form is small: never hold more
+            body += chunk
+            if len(body) > _LOGIN_MAX_BYTES:
+                return HTMLResponse(statuspage.login_page("too long"), 413, headers=page_headers())
+        form = parse_qs(body.decode("utf-8", "replace"))
         given = (form.get("token") or [""])[0]
         if token is None or not hmac.compare_digest(given.encode(), token.encode()):
             log.warning("status_page_login_refused", request_id=request.scope.get("request_id"))

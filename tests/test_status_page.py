@@ -147,6 +147,8 @@ async def test_with_tokens_for_reads_the_page_needs_a_login(tmp_path: Path) -> N
         in_url = await http.get("/", params={"token": TOKEN})
         assert in_url.status_code == 400
         assert "test-agent" not in in_url.text
+        huge = await http.post("/login", content=b"token=" + b"x" * 100_000)
+        assert huge.status_code == 413
         wrong = await http.post("/login", data={"token": "nope"})
         assert wrong.status_code == 401
         assert statuspage.COOKIE not in wrong.headers.get("set-cookie", "")
