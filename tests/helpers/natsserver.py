@@ -228,7 +228,10 @@ async def refused(url: str, token: str | None, timeout: float = 30.0) -> None:
                 await nc.close()
             if "Authorization" in repr(exc):
                 return
-            raise
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)  # cut while the server reloads: ask again
+            continue
         await nc.close()
         if time.monotonic() > deadline:
             raise TimeoutError(f"the server at {url} still takes the old token")
